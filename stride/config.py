@@ -1,0 +1,107 @@
+"""Serialisable settings for a build and for the solver."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+FitMode = Literal["fidelity", "finetune"]
+
+
+@dataclass
+class BuildConfig:
+    """Everything that determines a store's content; stored verbatim in its manifest.
+
+    ``None`` means "choose from the corpus and model" (see ``resolve``): the defaults must serve an
+    unseen model and corpus without tuning.
+    """
+
+    layer: int | None = None  # None: the middle layer
+    rank: int = 16
+    num_subsets: int | None = None  # None: about n/2, clamped to [128, 2000]
+    memberships: int = 10  # d: subsets each example joins
+    steps: int | None = None  # None: enough for each subset to be visited ~400 times
+    batch_size: int = 32  # subsets per optimisation step
+    members_per_subset: int = 4
+    lr: float = 3e-3
+    stability_weight: float = 1.0
+    seed: int = 0
+    fit: FitMode = "fidelity"
+    max_length: int = 256
+    activation_cache_mb: int = 1024  # cache frozen activations up to this size, else stream
+    finetune_steps: int = 4
+    finetune_lr: float = 1e-3
+    finetune_probes: int = 32
+    ridge: float = 1e-2
+    checkpoint_every: int = 200
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BuildConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown build config field(s): {sorted(unknown)}")
+        return cls(**data)
+
+    def resolve(self, num_examples: int, num_layers: int) -> BuildConfig:
+        """Fill the ``None`` fields from the corpus size and model depth."""
+        k = self.num_subsets or int(min(2000, max(128, num_examples // 2)))
+        k = max(k, self.memberships)
+        steps = self.steps or int(max(500, 400 * k // self.batch_size))
+        layer = num_layers // 2 if self.layer is None else self.layer
+        if not 0 <= layer < num_layers:
+            raise ValueError(f"layer {layer} is outside the model's 0..{num_layers - 1}")
+        if self.memberships > k:
+            raise ValueError(f"memberships ({self.memberships}) exceeds num_subsets ({k})")
+        return dataclasses.replace(self, num_subsets=k, steps=steps, layer=layer)
+
+
+@dataclass
+class SolverConfig:
+    """Lasso settings; part of the cache key, so results never mix settings."""
+
+    lam_ratio: float = 0.05  # lambda = lam_ratio * lambda_max
+    max_iter: int = 500
+    tol: float = 1e-4  # stop when duality gap <= tol * 0.5 * ||y_c||^2
+    first_order: bool = False  # linearised measurement for huge vocabularies
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Query:
+    prompt: str
+    completion: str | None = None
+
+
+@dataclass
+class Example:
+    index: int
+    id: str
+    text: str
+
+
+@dataclass
+class Scored:
+    rank: int
+    index: int
+    id: str
+    score: float
+    text: str | None = None
+
+
+@dataclass
+class Attribution:
+    loss: float
+    proponents: list[Scored]
+    opponents: list[Scored]
+    diagnostics: dict[str, Any]
+    timing_ms: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,66 @@
+"""Random subset design: each example joins exactly ``d`` of ``K`` subsets.
+
+The membership matrix M (K x n) is then a left-d-regular bipartite graph, an expander with high
+probability, which is what makes sparse recovery from K << n measurements work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Membership:
+    """M in CSR form: row k lists the examples of subset k, in increasing order."""
+
+    crow: Tensor  # (K+1,) int64
+    col: Tensor  # (K*avg,) int64
+    num_examples: int
+
+    @property
+    def num_subsets(self) -> int:
+        return int(self.crow.numel() - 1)
+
+    @property
+    def memberships(self) -> int:
+        return int(self.col.numel() // self.num_examples)
+
+    def members(self, k: int) -> Tensor:
+        return self.col[self.crow[k] : self.crow[k + 1]]
+
+    def sizes(self) -> Tensor:
+        return self.crow[1:] - self.crow[:-1]
+
+    def sparse(self, device: torch.device | str = "cpu", dtype=torch.float32) -> Tensor:
+        values = torch.ones(self.col.numel(), dtype=dtype)
+        m = torch.sparse_csr_tensor(
+            self.crow, self.col, values, size=(self.num_subsets, self.num_examples)
+        )
+        return m.to(device)
+
+    def dense(self) -> Tensor:
+        return self.sparse().to_dense()
+
+
+def random_design(num_examples: int, num_subsets: int, d: int, seed: int) -> Membership:
+    """Each example picks d distinct subsets uniformly; done in chunks to bound memory."""
+    if not 1 <= d <= num_subsets:
+        raise ValueError(f"need 1 <= memberships ({d}) <= num_subsets ({num_subsets})")
+    gen = torch.Generator().manual_seed(seed)
+    chunk = max(1, (1 << 22) // num_subsets)
+    picks = []
+    for start in range(0, num_examples, chunk):
+        rows = min(chunk, num_examples - start)
+        picks.append(torch.rand(rows, num_subsets, generator=gen).topk(d, dim=1).indices)
+    subsets = torch.cat(picks)  # (n, d)
+    examples = torch.arange(num_examples).repeat_interleave(d)
+    order = torch.argsort(subsets.reshape(-1) * num_examples + examples)
+    rows_sorted = subsets.reshape(-1)[order]
+    col = examples[order]
+    counts = torch.bincount(rows_sorted, minlength=num_subsets)
+    crow = torch.zeros(num_subsets + 1, dtype=torch.long)
+    crow[1:] = torch.cumsum(counts, 0)
+    return Membership(crow, col, num_examples)

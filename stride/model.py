@@ -1,0 +1,129 @@
+"""The frozen causal LM: loading, encoding, and the two activations STRIDE reads.
+
+Any Hugging Face causal LM works without per-architecture code: ``output_hidden_states`` gives
+the residual stream after every block (index ``layer + 1``) and, last, the state after the final
+norm, which the unembedding maps to logits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from stride.corpus import Record
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+@dataclass
+class Batch:
+    input_ids: Tensor  # (B, T)
+    attention_mask: Tensor  # (B, T)
+    targets: Tensor  # (B, T): next token at each position, -100 where it is not scored
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.targets)))
+
+    @property
+    def scored(self) -> Tensor:
+        return self.targets != -100
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def weights_sha256(model_dir: str | Path) -> str:
+    """One digest over the model's weight files (name and content), in name order."""
+    h = hashlib.sha256()
+    files = sorted(p for p in Path(model_dir).iterdir() if p.suffix in WEIGHT_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"{model_dir}: no weight files ({', '.join(WEIGHT_SUFFIXES)})")
+    for p in files:
+        h.update(p.name.encode())
+        with open(p, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+    return h.hexdigest()
+
+
+class LM:
+    """A frozen causal LM with its tokenizer, on one device."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, device: torch.device, max_length: int = 256):
+        self.model = model.to(device).eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.device = device
+        self.max_length = max_length
+        cfg = model.config
+        self.num_layers = int(getattr(cfg, "num_hidden_layers", getattr(cfg, "n_layer", 0)))
+        head = model.get_output_embeddings()
+        self.unembed = head.weight  # (V, d)
+        self.unembed_bias = getattr(head, "bias", None)
+        self.pad_id = next(
+            (t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0
+        )
+
+    @classmethod
+    def load(cls, model_dir: str | Path, device: str | None = None, max_length: int = 256) -> LM:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model_dir = Path(model_dir)
+        if not (model_dir / "config.json").is_file():
+            raise FileNotFoundError(f"{model_dir}: not a Hugging Face model directory (no config.json)")
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        return cls(model, tok, pick_device(device), max_length)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.unembed.shape[1])
+
+    def token_ids(self, rec: Record) -> tuple[list[int], int]:
+        """Token ids and the number of leading (prompt) tokens that are not scored."""
+        tok = self.tokenizer
+        if not rec.prompt:
+            ids = tok(rec.completion, add_special_tokens=True)["input_ids"]
+            return ids[-self.max_length :], 1
+        p = tok(rec.prompt, add_special_tokens=True)["input_ids"]
+        c = tok(rec.completion, add_special_tokens=False)["input_ids"]
+        c = c[: self.max_length - 1]
+        p = p[-(self.max_length - len(c)) :] if len(p) + len(c) > self.max_length else p
+        return p + c, max(len(p), 1)
+
+    def encode(self, records: list[Record]) -> Batch:
+        """Right-padded batch; targets[b, t] is the token at t+1 when t+1 is scored."""
+        rows = [self.token_ids(r) for r in records]
+        width = max(len(ids) for ids, _ in rows)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        targets = torch.full((len(rows), width), -100, dtype=torch.long)
+        for b, (ids, skip) in enumerate(rows):
+            n = len(ids)
+            input_ids[b, :n] = torch.tensor(ids)
+            mask[b, :n] = 1
+            if n > skip:
+                targets[b, skip - 1 : n - 1] = input_ids[b, skip:n]
+        return Batch(input_ids, mask, targets)
+
+    @torch.no_grad()
+    def features(self, batch: Batch, layer: int) -> tuple[Tensor, Tensor]:
+        """(h, z): the residual stream after block ``layer`` and the final normed state."""
+        batch = batch.to(self.device)
+        out = self.model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            output_hidden_states=True,
+            use_cache=False,
+        )
+        return out.hidden_states[layer + 1], out.hidden_states[-1]
+
+    def logits(self, z: Tensor) -> Tensor:
+        out = z @ self.unembed.T
+        return out if self.unembed_bias is None else out + self.unembed_bias

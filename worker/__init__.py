@@ -1,0 +1,1 @@
+"""Offline orchestration: builds operator stores and hosts the ``stride`` CLI."""
