@@ -29,8 +29,8 @@ def parse_record(obj: object, where: str, default_id: str) -> Record:
     if not isinstance(obj, dict):
         raise CorpusError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     rid = obj.get("id", default_id)
-    if not isinstance(rid, (str, int)) or isinstance(rid, bool):
-        raise CorpusError(f"{where}: field 'id' must be a string")
+    if not isinstance(rid, str) or not rid:
+        raise CorpusError(f"{where}: field 'id' must be a non-empty string, got {repr(rid)[:60]}")
     if "text" in obj:
         if "prompt" in obj or "completion" in obj:
             raise CorpusError(f"{where}: give either 'text' or 'prompt'+'completion', not both")
