@@ -1,0 +1,165 @@
+"""Micro-batching: concurrent queries share one forward pass, one measurement and one Lasso solve.
+
+A single worker task drains a bounded queue: the first query waits at most ``max_wait_ms`` for
+company, up to ``max_batch`` queries go to ``Attributor.attribute_batch`` on a one-thread executor
+(the event loop keeps answering ``/healthz`` meanwhile), and queries that arrive during a batch
+form the next one. A full queue refuses at once (503), a query past its deadline is dropped (504).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from app import metrics
+from stride.config import Attribution, Query
+
+log = logging.getLogger("stride.app")
+RunBatch = Callable[[list[Query], int, bool], list[Attribution]]
+
+
+class Overloaded(Exception):
+    """The queue is full; the client should retry later."""
+
+
+class DeadlineExceeded(Exception):
+    """The query was not answered before its deadline."""
+
+
+class Stopped(Exception):
+    """The service is shutting down."""
+
+
+@dataclass(eq=False)
+class Job:
+    query: Query
+    top_k: int
+    include_text: bool
+    deadline: float  # loop.time()
+    future: asyncio.Future[Attribution]
+    abandoned: bool = field(default=False)
+
+
+class MicroBatcher:
+    def __init__(self, run: RunBatch, *, max_batch: int, max_wait_ms: float, queue_max: int):
+        self._run = run
+        self.max_batch, self.max_wait = max_batch, max_wait_ms / 1e3
+        self._queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=queue_max)
+        self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stride-model")
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="stride-batcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        while not self._queue.empty():
+            job = self._queue.get_nowait()
+            if not job.future.done():
+                job.future.set_exception(Stopped("the service is shutting down"))
+        self._executor.shutdown(wait=True)
+
+    async def run_now(self, queries: list[Query], top_k: int, include_text: bool) -> list[Attribution]:
+        """Bypass the queue (warm-up); still off the event loop, on the model thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._run, queries, top_k, include_text)
+
+    async def submit(self, query: Query, top_k: int, include_text: bool, timeout: float) -> Attribution:
+        loop = asyncio.get_running_loop()
+        if self._task is None or self._task.done():
+            raise Stopped("the batcher is not running")
+        job = Job(query, top_k, include_text, loop.time() + timeout, loop.create_future())
+        try:
+            self._queue.put_nowait(job)
+        except asyncio.QueueFull:
+            metrics.REJECTED.labels("queue_full").inc()
+            raise Overloaded(f"{self._queue.maxsize} queries are already waiting") from None
+        metrics.QUEUE_DEPTH.set(self._queue.qsize())
+        self._wakeup.set()
+        try:
+            return await asyncio.wait_for(asyncio.shield(job.future), timeout)
+        except TimeoutError:
+            job.abandoned = True
+            metrics.REJECTED.labels("deadline").inc()
+            raise DeadlineExceeded(f"no answer within {timeout:g} s") from None
+
+    async def _collect(self) -> list[Job]:
+        batch = [await self._queue.get()]
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self.max_wait
+        while len(batch) < self.max_batch:
+            while len(batch) < self.max_batch and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            remaining = end - loop.time()
+            if len(batch) >= self.max_batch or remaining <= 0:
+                break
+            self._wakeup.clear()
+            try:  # an Event wait is safe to time out; a Queue.get might lose an item
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except TimeoutError:
+                pass
+        metrics.QUEUE_DEPTH.set(self._queue.qsize())
+        return batch
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._collect()
+            now = loop.time()
+            live = [j for j in batch if not j.abandoned and not j.future.done() and j.deadline > now]
+            if not live:
+                continue
+            top_k = max(j.top_k for j in live)
+            text = any(j.include_text for j in live)
+            t0 = time.perf_counter()
+            try:
+                results = await loop.run_in_executor(self._executor, self._compute, [j.query for j in live],
+                                                     top_k, text)
+            except Exception as e:  # the engine itself failed: every query in the batch fails
+                log.exception("batch failed", extra={"batch_size": len(live)})
+                results = [e] * len(live)
+            metrics.BATCH_SIZE.observe(len(live))
+            metrics.BATCH_SECONDS.observe(time.perf_counter() - t0)
+            for job, res in zip(live, results, strict=True):
+                if job.future.done() or job.abandoned:
+                    continue
+                if isinstance(res, Exception):
+                    job.future.set_exception(res)
+                else:
+                    job.future.set_result(_trim(res, job.top_k, job.include_text))
+
+    def _compute(self, queries: list[Query], top_k: int, text: bool) -> list[Attribution | Exception]:
+        """One batched call; if one query is unanswerable (ValueError), answer the rest one by one."""
+        try:
+            out: list[Attribution | Exception] = list(self._run(queries, top_k, text))
+        except ValueError as e:
+            if len(queries) == 1:
+                return [e]
+            out = []
+            for q in queries:
+                try:
+                    out.append(self._run([q], top_k, text)[0])
+                except ValueError as e1:
+                    out.append(e1)
+        for a in out:
+            if isinstance(a, Attribution):
+                metrics.SOLVER_ITERATIONS.observe(a.diagnostics.get("iterations", 0))
+                break
+        return out
+
+
+def _trim(a: Attribution, top_k: int, include_text: bool) -> Attribution:
+    """Fit a result computed for the batch's largest top_k (and text) to one query's request."""
+    def cut(rows: list) -> list:
+        rows = rows[:top_k]
+        return rows if include_text else [dataclasses.replace(r, text=None) for r in rows]
+
+    return dataclasses.replace(a, proponents=cut(a.proponents), opponents=cut(a.opponents))

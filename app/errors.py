@@ -1,0 +1,85 @@
+"""RFC 9457 problem details: every error the service returns is ``application/problem+json``.
+
+Bad input maps to 4xx; only a genuine bug reaches the 500 handler, and it leaks no internals.
+"""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.context import request_id_var
+
+PROBLEM = "application/problem+json"
+log = logging.getLogger("stride.app")
+
+# problem type slugs; "about:blank" would do, but a stable slug lets clients branch on it
+SLUGS = {400: "bad-request", 401: "unauthorized", 404: "not-found", 405: "method-not-allowed",
+         413: "too-large", 422: "invalid-request", 503: "unavailable", 504: "deadline-exceeded"}
+
+
+class Problem(Exception):
+    """Raise anywhere in a handler to answer with a problem document."""
+
+    def __init__(self, status: int, detail: str, *, headers: dict[str, str] | None = None,
+                 slug: str | None = None, extra: dict[str, Any] | None = None):
+        super().__init__(detail)
+        self.status, self.detail, self.headers = status, detail, headers or {}
+        self.slug, self.extra = slug, extra or {}
+
+
+def problem_body(status: int, detail: str, instance: str | None = None, slug: str | None = None,
+                 **extra: Any) -> dict[str, Any]:
+    slug = slug or SLUGS.get(status, "error")
+    body: dict[str, Any] = {
+        "type": f"urn:stride:problem:{slug}",
+        "title": HTTPStatus(status).phrase,
+        "status": status,
+        "detail": detail,
+        "request_id": request_id_var.get(),
+    }
+    if instance:
+        body["instance"] = instance
+    body.update(extra)
+    return body
+
+
+def problem_response(status: int, detail: str, instance: str | None = None, *,
+                     headers: dict[str, str] | None = None, slug: str | None = None,
+                     **extra: Any) -> JSONResponse:
+    return JSONResponse(problem_body(status, detail, instance, slug, **extra), status_code=status,
+                        headers=headers, media_type=PROBLEM)
+
+
+def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
+    """Field errors without the offending input: it may be a prompt, which is never echoed."""
+    out = []
+    for e in exc.errors():
+        out.append({"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", "")),
+                    "type": str(e.get("type", ""))})
+    return out
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(Problem)
+    async def _problem(request: Request, exc: Problem) -> JSONResponse:
+        return problem_response(exc.status, exc.detail, request.url.path, headers=exc.headers,
+                                slug=exc.slug, **exc.extra)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = _validation_errors(exc)
+        # a body that is not JSON at all is a 422 too (FastAPI reports it as json_invalid)
+        return problem_response(422, "the request does not match the schema", request.url.path,
+                                errors=errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return problem_response(exc.status_code, str(exc.detail), request.url.path,
+                                headers=getattr(exc, "headers", None))

@@ -1,0 +1,175 @@
+"""Pure-ASGI middleware: request ids + access log + metrics, body-size limit, API-key auth.
+
+Pure ASGI (not ``BaseHTTPMiddleware``) so streaming, cancellation and contextvars behave, and so
+errors raised here are problem documents carrying the request id like any other.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app import metrics
+from app.context import request_id_var
+from app.errors import problem_body
+
+log = logging.getLogger("stride.app.access")
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
+
+
+async def send_problem(send: Send, status: int, detail: str, path: str,
+                       headers: dict[str, str] | None = None) -> None:
+    body = json.dumps(problem_body(status, detail, path)).encode()
+    raw = [(b"content-type", b"application/problem+json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for k, v in scope.get("headers", ()):
+        if k == name:
+            return v.decode("latin-1")
+    return None
+
+
+class RequestContext:
+    """Echo a sane ``X-Request-ID`` or make one; time, count and log every request; 500 on a bug."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = _header(scope, b"x-request-id")
+        rid = given if given and _SAFE_ID.match(given) else uuid.uuid4().hex
+        token = request_id_var.set(rid)
+        status, started = 500, False
+        t0 = time.perf_counter()
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                started, status = True, message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", rid.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except Exception:
+            log.exception("unhandled error", extra={"request_id": rid})
+            if not started:
+                await send_problem(send_wrapper, 500, "internal error; quote the request id when reporting it",
+                                   scope["path"])
+        finally:
+            elapsed = time.perf_counter() - t0
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            metrics.REQUESTS.labels(scope["method"], route, str(status)).inc()
+            metrics.LATENCY.labels(scope["method"], route).observe(elapsed)
+            log.info("request", extra={"request_id": rid, "method": scope["method"], "route": route,
+                                       "status": status, "duration_ms": round(elapsed * 1e3, 2)})
+            request_id_var.reset(token)
+
+
+class BodyLimit:
+    """413 for a body over ``max_bytes``, declared or streamed, before any handler reads it."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        detail = f"request body over {self.max_bytes} bytes"
+        declared = _header(scope, b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await send_problem(send, 413, detail, scope["path"])
+            return
+        if declared is not None:
+            await self.app(scope, receive, send)
+            return
+        # chunked upload: buffer up to the limit, then replay it to the app
+        chunks: list[bytes] = []
+        size, more = 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await send_problem(send, 413, detail, scope["path"])
+                return
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        replay: list[Message] = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replay_receive() -> Message:
+            return replay.pop() if replay else await receive()
+
+        await self.app(scope, replay_receive, send)
+
+
+class ApiKeyAuth:
+    """``Authorization: Bearer KEY`` or ``X-API-Key: KEY`` against every configured key, constant time."""
+
+    def __init__(self, app: ASGIApp, keys: list[str]):
+        self.app = app
+        self.keys = [k.encode() for k in keys]
+
+    def _ok(self, given: str | None) -> bool:
+        if given is None:
+            return False
+        g = given.encode()
+        ok = False
+        for k in self.keys:  # no early exit: time does not depend on which key matched
+            ok |= hmac.compare_digest(g, k)
+        return ok
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.keys or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        given = _header(scope, b"x-api-key")
+        auth = _header(scope, b"authorization")
+        if given is None and auth and auth[:7].lower() == "bearer ":
+            given = auth[7:].strip()
+        if not self._ok(given):
+            await send_problem(send, 401, "missing or invalid API key", scope["path"],
+                               {"WWW-Authenticate": 'Bearer realm="stride"'})
+            return
+        await self.app(scope, receive, send)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line. Only fields passed explicitly via ``extra`` are added."""
+
+    converter = time.gmtime
+    FIELDS = ("request_id", "method", "route", "status", "duration_ms", "batch_size", "cached",
+              "prompt_chars", "prompt", "path", "store", "device", "event")
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname, "logger": record.name, "msg": record.getMessage(),
+        }
+        if out["msg"] != "request" and request_id_var.get() and not hasattr(record, "request_id"):
+            out["request_id"] = request_id_var.get()
+        for f in self.FIELDS:
+            if hasattr(record, f):
+                out[f] = getattr(record, f)
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
