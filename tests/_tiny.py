@@ -37,14 +37,14 @@ def tokenizer():
     return build_tokenizer([" ".join(WORDS) + " ."])
 
 
-def model_config(arch: str, vocab: int, tok):
+def model_config(arch: str, vocab: int, tok, width: int = 32):
     """A random-initialised config of each supported family: 2 layers, width 32."""
     import transformers as tf
 
     ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     if arch == "gpt2":
-        return tf.GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=2, **ids)
-    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        return tf.GPT2Config(vocab_size=vocab, n_positions=64, n_embd=width, n_layer=2, n_head=2, **ids)
+    common = dict(vocab_size=vocab, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
                   num_attention_heads=4, max_position_embeddings=64, **ids)
     if arch == "llama":
         return tf.LlamaConfig(num_key_value_heads=2, **common)
@@ -57,13 +57,13 @@ def model_config(arch: str, vocab: int, tok):
     raise ValueError(arch)
 
 
-def write_model(out: Path, arch: str = "gpt2", seed: int = 0) -> Path:
+def write_model(out: Path, arch: str = "gpt2", seed: int = 0, width: int = 32) -> Path:
     """save_pretrained (safetensors) of a random tiny model plus its tokenizer, in ``out``."""
     from transformers import AutoModelForCausalLM
 
     tok = tokenizer()
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(model_config(arch, len(tok), tok))
+    model = AutoModelForCausalLM.from_config(model_config(arch, len(tok), tok, width))
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
