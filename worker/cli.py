@@ -119,12 +119,13 @@ def demo_assets(out: Path = typer.Option(..., help="Directory for model/, corpus
 
 @app.command()
 def serve(
-    store: Path = typer.Option(..., help="Operator store directory."),
-    host: str = typer.Option("127.0.0.1"),
-    port: int = typer.Option(8000),
-    device: Optional[str] = typer.Option(None),
+    store: Path = typer.Option(..., envvar="STRIDE_STORE", help="Operator store directory."),
+    host: str = typer.Option("127.0.0.1", envvar="STRIDE_HOST"),
+    port: int = typer.Option(8000, envvar="STRIDE_PORT"),
+    device: Optional[str] = typer.Option(None, envvar="STRIDE_DEVICE", help="cpu, cuda ... [default: cuda]."),
+    redis_url: Optional[str] = typer.Option(None, envvar="STRIDE_REDIS_URL", help="Result cache; unset: no cache."),
 ) -> None:
-    """Serve POST /v1/attribute over HTTP (see the README)."""
+    """Serve the HTTP API (POST /v1/attribute ...); other settings come from STRIDE_* (see the README)."""
     import os
 
     import uvicorn
@@ -132,7 +133,11 @@ def serve(
     os.environ["STRIDE_STORE"] = str(store)
     if device:
         os.environ["STRIDE_DEVICE"] = device
-    uvicorn.run("app.main:app", host=host, port=port, log_config=None)
+    if redis_url:
+        os.environ["STRIDE_REDIS_URL"] = redis_url
+    # one process, one model copy: concurrency comes from the micro-batcher, not from workers;
+    # log_config=None leaves logging to the app, which writes JSON lines
+    uvicorn.run("app.main:app", host=host, port=port, log_config=None, access_log=False)
 
 
 def main() -> None:
