@@ -6,8 +6,10 @@ DEMO ?= demo
 # torch==2.13.0 first: on these machines it is a CPU build already on disk; `torch>=2.4` in
 # pyproject then installs nothing more (an unpinned torch would pull a multi-GB CUDA build).
 TORCH ?= torch==2.13.0
+HOST ?= 127.0.0.1
+PORT ?= 8000
 
-.PHONY: venv demo demo-store test lint bench clean
+.PHONY: venv demo demo-store serve test lint bench clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,9 +28,16 @@ $(DEMO)/store/manifest.json: $(DEMO)/model/config.json
 
 demo-store: $(DEMO)/store/manifest.json
 
+# `make demo`: build the embedded default, answer one query in-process, then serve it over HTTP
 demo: demo-store
 	$(BIN)/stride attribute --store $(DEMO)/store --prompt "$$(head -1 $(DEMO)/queries.jsonl | $(BIN)/python -c 'import json,sys; print(json.load(sys.stdin)["prompt"])')" \
 		--completion "$$(head -1 $(DEMO)/queries.jsonl | $(BIN)/python -c 'import json,sys; print(json.load(sys.stdin)["completion"])')" --top-k 5
+	$(MAKE) --no-print-directory serve
+
+# the service on the embedded default (STRIDE_REDIS_URL, STRIDE_API_KEYS ... pass through)
+serve: demo-store
+	@$(BIN)/python -m app.examples $(DEMO)/queries.jsonl http://$(HOST):$(PORT)
+	$(BIN)/stride serve --store $(DEMO)/store --host $(HOST) --port $(PORT)
 
 test: venv
 	$(BIN)/python -m pytest

@@ -1,0 +1,26 @@
+"""Print a ready-to-paste curl command for a running service: ``python -m app.examples QUERIES URL``."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+
+
+def curl_for(queries_path: str, url: str) -> str:
+    with open(queries_path) as f:
+        q = json.loads(f.readline())
+    body = json.dumps({"prompt": q["prompt"], "completion": q.get("completion"), "top_k": 5})
+    return f"curl -s {url}/v1/attribute -H 'content-type: application/json' -d {shlex.quote(body)}"
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    queries = args[0] if args else "demo/queries.jsonl"
+    url = args[1] if len(args) > 1 else "http://127.0.0.1:8000"
+    print(f"\nSTRIDE is starting on {url} (OpenAPI: {url}/docs). Once it logs 'ready', in another shell:\n")
+    print(f"  {curl_for(queries, url)}\n")
+
+
+if __name__ == "__main__":
+    main()
