@@ -37,6 +37,19 @@ class Engine:
                                      breaker=Breaker(settings.breaker_failures, settings.breaker_reset_s))
         self.flight = SingleFlight()
         self.warm = False
+        self._clamp_context(attributor)
+
+    @staticmethod
+    def _clamp_context(attributor: Attributor) -> None:
+        """Keep queries inside the model's position window (stride truncates to the store's
+        max_length, which can exceed it: the demo model has 64 positions, the store 256). Past it
+        the forward pass fails, on CUDA with a device-side assert that poisons the whole process."""
+        cfg = attributor.lm.model.config
+        window = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+        if window and attributor.lm.max_length > int(window):
+            log.warning("store max_length %d exceeds the model's %d positions; truncating queries to %d",
+                        attributor.lm.max_length, window, window)
+            attributor.lm.max_length = int(window)
 
     async def start(self) -> None:
         self.batcher.start()

@@ -94,9 +94,10 @@ def create_app(settings: Settings | None = None, attributor: Attributor | None =
     )
     app.state.settings, app.state.engine, app.state.draining = settings, None, False
     errors.install(app)
-    # added innermost first: RequestContext wraps everything, so even a 401 or 413 has a request id
-    app.add_middleware(ApiKeyAuth, keys=settings.keys())
+    # added innermost first: RequestContext wraps everything, so even a 401 or 413 has a request id,
+    # and the key is checked before any body is buffered
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(ApiKeyAuth, keys=settings.keys())
     app.add_middleware(RequestContext)
 
     def engine_of(request: Request) -> Engine:
