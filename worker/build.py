@@ -175,8 +175,13 @@ def _fit_finetune(ops: SteeringOperators, lm: LM, corpus: Corpus, membership: Me
                 if k % world.size != world.rank:
                     continue
                 members = corpus.records(membership.members(k).tolist())
-                h, dz = finetune_shift(lm, work, base_state, members, members + probes, cfg.layer,
-                                       cfg.finetune_steps, cfg.finetune_lr)
+                # dropout draws from the global RNG: seed it per subset so a resumed (or repeated)
+                # build fine-tunes each subset exactly as an uninterrupted one does
+                devices = [lm.device.index or 0] if lm.device.type == "cuda" else []
+                with torch.random.fork_rng(devices=devices):
+                    torch.manual_seed(step_generator(cfg.seed, k, -1).initial_seed())
+                    h, dz = finetune_shift(lm, work, base_state, members, members + probes, cfg.layer,
+                                           cfg.finetune_steps, cfg.finetune_lr)
                 fresh[j] = ridge_operator(ops.project(h), dz.float(), cfg.ridge)
             world.sum_(fresh)
             with torch.no_grad():
