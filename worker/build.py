@@ -70,6 +70,9 @@ def build(
     config = config or BuildConfig()
     out = Path(out).resolve()
     dev = pick_device(device)
+    if dev.type == "cuda" and dev.index is None and "LOCAL_RANK" in os.environ:
+        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # torchrun: one GPU per process
+        torch.cuda.set_device(dev)
     world = World.from_env(dev)
     corpus = Corpus.scan(data)
     lm = LM.load(model_dir, dev, config.max_length)
