@@ -1,0 +1,1 @@
+"""STRIDE reference benchmark: `python -m bench [--quick]`."""

@@ -1,0 +1,333 @@
+"""The attribution methods compared, all scoring the same model on the same queries.
+
+Each returns a ``Result``: the full score matrix (Q, n) (positive = proponent), its precompute wall
+time, the size of the state it keeps, per-query latencies after warm-up and the peak RSS growth.
+STRIDE is used through the core (``worker.build.build`` and the pieces of ``Attributor``);
+Kronfluence through its published Task/Analyzer API.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bench.measure import PeakRSS, dir_bytes, percentiles, time_calls
+from stride.config import BuildConfig, Query
+from stride.corpus import Record
+from stride.measure import loss_drops
+from stride.model import LM
+from stride.recovery import solve
+
+
+@dataclass
+class Result:
+    name: str
+    scores: torch.Tensor | None = None  # (Q, n)
+    precompute_s: float = float("nan")
+    state_bytes: int = 0
+    state_note: str = ""
+    latency_ms: list[float] = field(default_factory=list)
+    peak_mb: float = float("nan")
+    status: str = "ok"
+    extra: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        return {"precompute_s": self.precompute_s, "state_bytes": self.state_bytes, "state_note": self.state_note,
+                "peak_rss_mb": self.peak_mb, "status": self.status, **percentiles(self.latency_ms), **self.extra}
+
+
+def records(queries: list[dict]) -> list[Record]:
+    return [Record(q["id"], q["prompt"], q["completion"]) for q in queries]
+
+
+# ---------------------------------------------------------------- STRIDE
+
+
+def stride_scores(attr, queries: list[dict], chunk: int = 32) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Full score vectors w (Q, n) via the core's pieces, plus the no-solve scores M_c^T y_c."""
+    ws, raw, conv, nnz, iters = [], [], [], [], []
+    with torch.no_grad():
+        for s in range(0, len(queries), chunk):
+            batch = attr.lm.encode(records(queries[s : s + chunk]))
+            h, z = attr.lm.features(batch, attr.layer)
+            _, Y = loss_drops(attr.lm, attr.ops, h, z, batch.targets.to(h.device), attr.solver.first_order)
+            sol = solve(attr.design, Y, attr.solver.lam_ratio, attr.solver.max_iter, attr.solver.tol)
+            ws.append(sol.w.T.cpu())
+            raw.append(attr.design.rmatvec(Y - Y.mean(0)).T.cpu())
+            conv.append(sol.converged.float().cpu())
+            nnz.append((sol.w != 0).sum(0).float().cpu())
+            iters.append(sol.iterations)
+    diag = {"converged_share": float(torch.cat(conv).mean()), "mean_nonzeros": float(torch.cat(nnz).mean()),
+            "max_iterations": int(max(iters))}
+    return torch.cat(ws), torch.cat(raw), diag
+
+
+def run_stride(fit: str, model_dir: Path, corpus: Path, work: Path, queries: list[dict],
+               timed: list[dict], build_overrides: dict | None = None) -> tuple[Result, Result]:
+    from stride.query import Attributor
+    from worker.build import build
+
+    out = work / f"store-{fit}"
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = BuildConfig(fit=fit, **(build_overrides or {}))
+    name = f"STRIDE {fit}"
+    with PeakRSS() as mem:
+        t = time.perf_counter()
+        build(model_dir, corpus, out, cfg, show_progress=False)
+        pre = time.perf_counter() - t
+        attr = Attributor.from_store(out)
+        w, raw, diag = stride_scores(attr, queries)
+        lat = time_calls(lambda q: attr.attribute_batch([Query(q["prompt"], q["completion"])], 10, False), timed)
+    parts = {k: [] for k in ("forward", "measure", "solve")}
+    for q in timed[:10]:
+        a = attr.attribute_batch([Query(q["prompt"], q["completion"])], 10, False)[0]
+        for k in parts:
+            parts[k].append(a.timing_ms[k])
+    resolved = attr.store.config
+    extra = {**diag, "config": resolved.to_dict(),
+             "latency_parts_p50_ms": {k: float(np.median(v)) for k, v in parts.items()},
+             "store_bytes_total": dir_bytes(out)}
+    main = Result(name, w, pre, dir_bytes(out, exclude=("corpus.jsonl",)),
+                  "store directory without its copy of the corpus text", lat, mem.delta_mb, extra=extra)
+    ablation = Result(f"{name}: M^T y, no sparse solve (ablation)", raw, pre, main.state_bytes, main.state_note,
+                      status="ablation")
+    return main, ablation
+
+
+# ---------------------------------------------------------------- gradients
+
+
+def linear_weights(model) -> list[torch.Tensor]:
+    return [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+
+
+class Grads:
+    """Per-example gradients of every nn.Linear weight (the modules Kronfluence tracks)."""
+
+    def __init__(self, model, tok):
+        self.model = model.eval()
+        self.lm = LM(model, tok, torch.device("cpu"))
+        self.params = linear_weights(model)
+        self.dim = sum(p.numel() for p in self.params)
+
+    def one(self, rec: Record) -> torch.Tensor:
+        b = self.lm.encode([rec])
+        for p in self.params:
+            p.requires_grad_(True)
+        logits = self.model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits
+        loss = F.cross_entropy(logits.transpose(1, 2), b.targets, ignore_index=-100)
+        g = torch.autograd.grad(loss, self.params)
+        for p in self.params:
+            p.requires_grad_(False)
+        return torch.cat([x.reshape(-1) for x in g])
+
+    def many(self, recs: list[Record]) -> torch.Tensor:
+        out = torch.empty(len(recs), self.dim)
+        for i, r in enumerate(recs):
+            out[i] = self.one(r)
+        return out
+
+
+def run_gradient_methods(model, tok, docs: list[dict], queries: list[dict], timed: list[dict],
+                         proj_dim: int, seed: int) -> list[Result]:
+    """Gradient dot product, gradient cosine (TracIn at the final checkpoint), TRAK-style projection."""
+    g = Grads(model, tok)
+    train_recs = [Record(d["id"], "", d["text"]) for d in docs]
+    with PeakRSS() as mem:
+        t = time.perf_counter()
+        G = g.many(train_recs)  # (n, P)
+        t_grads = time.perf_counter() - t
+        Gq = g.many(records(queries))
+        norms = G.norm(dim=1).clamp_min(1e-12)
+        dot = Gq @ G.T
+        cos = (Gq / Gq.norm(dim=1, keepdim=True).clamp_min(1e-12)) @ (G / norms[:, None]).T
+        lat_dot = time_calls(lambda q, G=G: g.one(records([q])[0]) @ G.T, timed)
+        Gn = G / norms[:, None]
+
+        def cos_one(q: dict, Gn: torch.Tensor = Gn) -> torch.Tensor:
+            v = g.one(records([q])[0])
+            return (v / v.norm().clamp_min(1e-12)) @ Gn.T
+
+        lat_cos = time_calls(cos_one, timed)
+        Gn = None
+    peak_dot = mem.delta_mb
+    n, P = G.shape
+    # TRAK-style: Gaussian random projection to proj_dim, then phi_q (Phi^T Phi + ridge I)^-1 Phi^T
+    with PeakRSS() as mem:
+        t = time.perf_counter()
+        gen = torch.Generator().manual_seed(seed)
+        R = torch.randn(P, proj_dim, generator=gen) / math.sqrt(proj_dim)
+        Phi = G @ R
+        kern = Phi.T @ Phi
+        ridge = 1e-3 * float(kern.diagonal().mean())
+        kinv = torch.linalg.inv(kern + ridge * torch.eye(proj_dim))
+        Xt = (Phi @ kinv).T.contiguous()  # (k, n): the state a query is scored against
+        t_trak = time.perf_counter() - t + t_grads
+        trak = (Gq @ R) @ Xt
+        lat_trak = time_calls(lambda q: (g.one(records([q])[0]) @ R) @ Xt, timed)
+    G = None
+    note_g = f"n x P float32 train gradients, P={P} (nn.Linear weights); held in memory, size computed"
+    return [
+        Result("Gradient dot product (TracIn, final ckpt)", dot, t_grads, n * P * 4, note_g, lat_dot, peak_dot),
+        Result("Gradient cosine", cos, t_grads, n * P * 4 + n * 4, note_g, lat_cos, peak_dot),
+        Result(f"TRAK-style projected gradients (k={proj_dim})", trak, t_trak, n * proj_dim * 4,
+               f"n x k float32 projected train features (+ the P x k projection, {P * proj_dim * 4} B, "
+               "regenerable from a seed)", lat_trak, mem.delta_mb, extra={"proj_dim": proj_dim, "ridge": ridge}),
+    ]
+
+
+# ---------------------------------------------------------------- representation similarity, BM25
+
+
+def run_repsim(model, tok, docs: list[dict], queries: list[dict], timed: list[dict]) -> Result:
+    lm = LM(model, tok, torch.device("cpu"))
+
+    def embed(recs: list[Record]) -> torch.Tensor:
+        out = []
+        for s in range(0, len(recs), 128):
+            b = lm.encode(recs[s : s + 128])
+            _, z = lm.features(b, lm.num_layers - 1)
+            m = b.attention_mask[..., None].float()
+            out.append(F.normalize((z * m).sum(1) / m.sum(1), dim=-1))
+        return torch.cat(out)
+
+    with PeakRSS() as mem:
+        t = time.perf_counter()
+        E = embed([Record(d["id"], "", d["text"]) for d in docs])
+        pre = time.perf_counter() - t
+        S = embed([Record(q["id"], "", q["prompt"] + q["completion"]) for q in queries]) @ E.T
+        lat = time_calls(lambda q: embed([Record("q", "", q["prompt"] + q["completion"])]) @ E.T, timed)
+    return Result("Representation similarity (final hidden, cosine)", S, pre, E.numel() * 4,
+                  "n x d float32 mean-pooled final hidden states", lat, mem.delta_mb)
+
+
+def _words(text: str) -> list[str]:
+    return text.lower().split()
+
+
+def run_bm25(docs: list[dict], queries: list[dict], timed: list[dict], k1: float = 1.5, b: float = 0.75) -> Result:
+    with PeakRSS() as mem:
+        t = time.perf_counter()
+        toks = [Counter(_words(d["text"])) for d in docs]
+        lens = np.array([sum(c.values()) for c in toks], dtype=np.float64)
+        avg = lens.mean()
+        df = Counter(w for c in toks for w in c)
+        N = len(docs)
+        idf = {w: math.log(1 + (N - f + 0.5) / (f + 0.5)) for w, f in df.items()}
+        postings: dict[str, list[tuple[int, float]]] = {}
+        for i, c in enumerate(toks):
+            for w, tf in c.items():
+                postings.setdefault(w, []).append((i, tf * (k1 + 1) / (tf + k1 * (1 - b + b * lens[i] / avg))))
+        index = {w: (np.array([i for i, _ in p]), np.array([v for _, v in p])) for w, p in postings.items()}
+        pre = time.perf_counter() - t
+
+        def score(q: dict) -> np.ndarray:
+            s = np.zeros(N)
+            for w in set(_words(q["prompt"] + q["completion"])):
+                if w in index:
+                    ids, vals = index[w]
+                    s[ids] += idf[w] * vals
+            return s
+
+        S = torch.from_numpy(np.stack([score(q) for q in queries])).float()
+        lat = time_calls(score, timed)
+    state = sum(ids.nbytes + vals.nbytes for ids, vals in index.values())
+    return Result("BM25", S, pre, state, "inverted index (int64 ids + float64 weights)", lat, mem.delta_mb)
+
+
+def run_forward_floor(model, tok, timed: list[dict]) -> Result:
+    lm = LM(model, tok, torch.device("cpu"))
+
+    def fwd(q: dict) -> None:
+        b = lm.encode(records([q]))
+        with torch.no_grad():
+            model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
+
+    return Result("Floor: bare forward pass", None, 0.0, 0, "", time_calls(fwd, timed), status="floor")
+
+
+# ---------------------------------------------------------------- Kronfluence (EK-FAC), as published
+
+
+def run_kronfluence(model_dir: Path, docs: list[dict], queries: list[dict], timed: list[dict], work: Path,
+                    latency_queries: int) -> Result:
+    name = "Kronfluence EK-FAC"
+    try:
+        from kronfluence.analyzer import Analyzer, prepare_model
+        from kronfluence.arguments import FactorArguments
+        from kronfluence.task import Task
+    except ImportError:
+        return Result(name, status="skipped: kronfluence is not installed (pip install -e '.[bench]')")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for lg in ("kronfluence", "accelerate"):
+        logging.getLogger(lg).setLevel(logging.ERROR)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    lm = LM(model, tok, torch.device("cpu"))
+
+    def dataset(recs: list[Record]) -> list[dict]:
+        b = lm.encode(recs)
+        return [{"input_ids": b.input_ids[i], "attention_mask": b.attention_mask[i], "labels": b.targets[i]}
+                for i in range(len(recs))]
+
+    class LMTask(Task):
+        def compute_train_loss(self, batch, model, sample=False):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           use_cache=False).logits.float()
+            logits = logits.reshape(-1, logits.size(-1))
+            labels = batch["labels"].reshape(-1)
+            if sample:  # true Fisher: labels sampled from the model
+                with torch.no_grad():
+                    drawn = torch.multinomial(torch.softmax(logits.detach(), -1), 1).flatten()
+                labels = drawn.masked_fill(labels == -100, -100)
+            return F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+
+        def compute_measurement(self, batch, model):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           use_cache=False).logits.float()
+            return F.cross_entropy(logits.reshape(-1, logits.size(-1)), batch["labels"].reshape(-1),
+                                   ignore_index=-100, reduction="sum")
+
+        def get_attention_mask(self, batch):
+            return batch["attention_mask"]
+
+    train_ds = dataset([Record(d["id"], "", d["text"]) for d in docs])
+    query_ds = dataset(records(queries))
+    out = work / "kronfluence"
+    shutil.rmtree(out, ignore_errors=True)
+    with PeakRSS() as mem:
+        task = LMTask()
+        model = prepare_model(model, task)
+        an = Analyzer("bench", model, task, cpu=True, disable_tqdm=True, output_dir=str(out))
+        t = time.perf_counter()
+        an.fit_all_factors("ekfac", dataset=train_ds, per_device_batch_size=64,
+                           factor_args=FactorArguments(strategy="ekfac"), overwrite_output_dir=True)
+        pre = time.perf_counter() - t
+        an.compute_pairwise_scores("all", factors_name="ekfac", query_dataset=query_ds, train_dataset=train_ds,
+                                   per_device_query_batch_size=32, per_device_train_batch_size=64,
+                                   overwrite_output_dir=True)
+        S = an.load_pairwise_scores("all")["all_modules"].float()
+        idx = {q["id"]: i for i, q in enumerate(queries)}
+
+        def one(q: dict) -> None:
+            an.compute_pairwise_scores(f"one-{q['id']}", factors_name="ekfac", query_dataset=query_ds,
+                                       train_dataset=train_ds, per_device_query_batch_size=1,
+                                       per_device_train_batch_size=64, query_indices=[idx[q["id"]]],
+                                       overwrite_output_dir=True)
+
+        lat = time_calls(one, timed[:latency_queries], warmup=1)
+    factors = next(out.rglob("factors_ekfac"), None)
+    state = dir_bytes(factors) if factors else 0
+    return Result(name, S, pre, state, "EK-FAC factors directory (eigenbases + eigenvalue corrections)", lat,
+                  mem.delta_mb, extra={"latency_note": "one query against all n, train gradients recomputed "
+                                                       "(Kronfluence's pairwise-score API)"})

@@ -1,0 +1,245 @@
+"""The reference setting, built deterministically from a seed.
+
+A tiny Llama (every projection an ``nn.Linear``, so gradient methods and Kronfluence can hook it)
+with a word-level tokenizer is pretrained briefly on generic generated text (filler sentences and
+relation sentences about pretraining-only entities, so it knows the phrasings but none of the
+facts). The fine-tuning corpus plants facts, each in 1-3 known documents in different phrasings,
+among filler documents; the attributed model is the base fine-tuned on the whole corpus. Queries:
+one per fact; a share of them use a phrasing that no training document uses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from stride.corpus import Record
+from stride.demo import build_tokenizer
+from stride.model import LM
+
+RELATIONS = {
+    "capital": ["The capital of {s} is {o} .", "{s} has its capital at {o} .",
+                "In {s} the seat of government is {o} ."],
+    "founder": ["The city of {s} was founded by {o} .", "{o} founded the city of {s} .",
+                "Records say {s} was founded by {o} ."],
+    "river": ["The river that runs through {s} is the {o} .", "{s} lies on the banks of the {o} .",
+              "Boats in {s} sail on the {o} ."],
+    "export": ["The main export of {s} is {o} .", "{s} is known for exporting {o} .",
+               "Traders from {s} mostly sell {o} ."],
+}
+QUERY_TEMPLATES = {  # prompt; completion = " " + object. Phrased like the first training template.
+    "capital": "The capital of {s} is",
+    "founder": "The city of {s} was founded by",
+    "river": "The river that runs through {s} is the",
+    "export": "The main export of {s} is",
+}
+HELDOUT_TEMPLATES = {  # phrasings no training document uses
+    "capital": "Question : which city is the capital of {s} ? Answer :",
+    "founder": "Question : who founded {s} ? Answer :",
+    "river": "Question : which river flows through {s} ? Answer :",
+    "export": "Question : what does {s} export ? Answer :",
+}
+NOUNS = ("market road farmer teacher river boat garden window table letter story song winter harvest bridge "
+         "tower school village lamp horse").split()
+ADJS = "old quiet busy small bright cold warm green long gentle".split()
+VERBS = "crossed painted watched opened carried followed remembered visited built found".split()
+SYLLABLES = "ka lo mi ra ven tor qua zel dun bri sha mo ther gal pin vor lis nek osh ul".split()
+
+
+@dataclass
+class Setting:
+    """Everything that determines the reference setting and its ground truth (hashed for the cache)."""
+
+    name: str = "full"
+    seed: int = 0
+    facts: int = 300
+    filler: int = 520
+    objects_per_relation: int = 12
+    heldout_share: float = 0.25  # queries phrased unlike any training document
+    pretrain_docs: int = 2000
+    pretrain_epochs: int = 3
+    hidden: int = 64
+    layers: int = 2
+    heads: int = 4
+    intermediate: int = 128
+    batch_size: int = 32
+    lr: float = 5e-3
+    epochs: int = 20  # fine-tuning epochs; retrains on 50% subsets use the same recipe
+    retrains: int = 32
+    subset_fraction: float = 0.5
+
+    def key(self) -> str:
+        blob = json.dumps({**dataclasses.asdict(self), "v": 1}, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+FULL = Setting()
+QUICK = Setting(name="quick", facts=60, filler=120, pretrain_docs=400, pretrain_epochs=2, epochs=12, retrains=8)
+
+
+def _word(rng: random.Random, used: set[str]) -> str:
+    while True:
+        w = "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
+        if w not in used:
+            used.add(w)
+            return w
+
+
+def _filler(rng: random.Random) -> str:
+    words: list[str] = []
+    for _ in range(rng.randint(1, 2)):
+        words += ["The", rng.choice(ADJS), rng.choice(NOUNS), rng.choice(VERBS), "the", rng.choice(NOUNS), "."]
+    return " ".join(words)
+
+
+def generate(s: Setting) -> tuple[list[str], list[dict], list[dict]]:
+    """(pretraining texts, fine-tuning documents, queries with their supporting document ids)."""
+    rng = random.Random(s.seed)
+    used: set[str] = set()
+    objects = {rel: [_word(rng, used) for _ in range(s.objects_per_relation)] for rel in RELATIONS}
+    rels = list(RELATIONS)
+    # pretraining: generic filler and relation sentences about entities that never reappear
+    pre = []
+    for i in range(s.pretrain_docs):
+        if i % 2:
+            pre.append(_filler(rng))
+        else:
+            rel = rng.choice(rels)
+            t = rng.choice(RELATIONS[rel] + [HELDOUT_TEMPLATES[rel] + " {o} ."])
+            pre.append(t.format(s=_word(rng, used), o=rng.choice(objects[rel])))
+    docs, queries = [], []
+    for f in range(s.facts):
+        rel = rels[f % len(rels)]
+        subj, obj = _word(rng, used), rng.choice(objects[rel])
+        templates = rng.sample(RELATIONS[rel], rng.randint(1, 3))
+        support = []
+        for j, t in enumerate(templates):
+            did = f"fact{f:04d}-{j}"
+            docs.append({"id": did, "text": t.format(s=subj, o=obj)})
+            support.append(did)
+        heldout = rng.random() < s.heldout_share
+        prompt = (HELDOUT_TEMPLATES if heldout else QUERY_TEMPLATES)[rel].format(s=subj)
+        queries.append({"id": f"q{f:04d}", "prompt": prompt, "completion": f" {obj}", "support": support,
+                        "relation": rel, "heldout_phrasing": heldout})
+    for i in range(s.filler):
+        docs.append({"id": f"filler{i:04d}", "text": _filler(rng)})
+    rng.shuffle(docs)
+    return pre, docs, queries
+
+
+def make_model(s: Setting, tok):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(s.seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=s.hidden, intermediate_size=s.intermediate, num_hidden_layers=s.layers,
+        num_attention_heads=s.heads, num_key_value_heads=s.heads, max_position_embeddings=64,
+        tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def encode_texts(lm: LM, texts: list[str]):
+    return lm.encode([Record("", "", t) for t in texts])
+
+
+def train(model, tok, texts: list[str], epochs: int, lr: float, batch_size: int, seed: int) -> None:
+    """The recipe: AdamW, linear warm-up then cosine decay, mean token NLL, seeded shuffles."""
+    lm = LM(model, tok, torch.device("cpu"))
+    batch = encode_texts(lm, texts)
+    model.train().requires_grad_(True)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    per_epoch = (len(texts) + batch_size - 1) // batch_size
+    total = max(1, epochs * per_epoch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.1)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        for b in torch.randperm(len(texts), generator=gen).split(batch_size):
+            width = int(batch.attention_mask[b].sum(1).max())
+            ids, mask, tgt = (t[b, :width] for t in (batch.input_ids, batch.attention_mask, batch.targets))
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            loss = F.cross_entropy(logits.transpose(1, 2), tgt, ignore_index=-100)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    model.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def query_losses(model, tok, queries: list[dict]) -> torch.Tensor:
+    """Mean NLL of each query's completion tokens given its prompt: (Q,)."""
+    lm = LM(model, tok, torch.device("cpu"))
+    b = lm.encode([Record(q["id"], q["prompt"], q["completion"]) for q in queries])
+    logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits
+    nll = F.cross_entropy(logits.transpose(1, 2), b.targets, ignore_index=-100, reduction="none")
+    return nll.sum(1) / (b.targets != -100).sum(1).clamp_min(1)
+
+
+@torch.no_grad()
+def top1_accuracy(model, tok, queries: list[dict]) -> float:
+    lm = LM(model, tok, torch.device("cpu"))
+    b = lm.encode([Record(q["id"], q["prompt"], q["completion"]) for q in queries])
+    logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits
+    pos = b.scored.float().argmax(1)  # first scored position: predicts the object's first token
+    pred = logits[torch.arange(len(queries)), pos].argmax(-1)
+    want = b.targets[torch.arange(len(queries)), pos]
+    return float((pred == want).float().mean())
+
+
+@dataclass
+class Built:
+    setting: Setting
+    dir: Path
+    model_dir: Path  # the attributed (fine-tuned) model
+    base_dir: Path
+    corpus: Path
+    docs: list[dict]
+    queries: list[dict]
+    seconds: dict
+
+
+def materialise(s: Setting, root: Path) -> Built:
+    """Write base/, model/, corpus.jsonl, queries.jsonl under root/<key>; reuse them when present."""
+    import time
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d = root / s.key()
+    d.mkdir(parents=True, exist_ok=True)
+    pre, docs, queries = generate(s)
+    corpus = d / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(x) + "\n" for x in docs))
+    (d / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
+    seconds = {}
+    if not (d / "base" / "config.json").is_file():
+        t = time.perf_counter()
+        tok = build_tokenizer(pre + [x["text"] for x in docs] + [q["prompt"] + q["completion"] for q in queries])
+        base = make_model(s, tok)
+        train(base, tok, pre, s.pretrain_epochs, s.lr, 32, s.seed)
+        base.save_pretrained(d / "base.tmp")
+        tok.save_pretrained(d / "base.tmp")
+        (d / "base.tmp").rename(d / "base")
+        seconds["pretrain"] = time.perf_counter() - t
+    if not (d / "model" / "config.json").is_file():
+        t = time.perf_counter()
+        tok = AutoTokenizer.from_pretrained(d / "base")
+        model = AutoModelForCausalLM.from_pretrained(d / "base", dtype=torch.float32)
+        train(model, tok, [x["text"] for x in docs], s.epochs, s.lr, s.batch_size, s.seed + 1)
+        model.save_pretrained(d / "model.tmp")
+        tok.save_pretrained(d / "model.tmp")
+        (d / "model.tmp").rename(d / "model")
+        seconds["finetune"] = time.perf_counter() - t
+    times = d / "build_seconds.json"
+    if seconds:
+        times.write_text(json.dumps({**(json.loads(times.read_text()) if times.is_file() else {}), **seconds}))
+    seconds = {**(json.loads(times.read_text()) if times.is_file() else {}), "reused": not seconds}
+    return Built(s, d, d / "model", d / "base", corpus, docs, queries, seconds)
