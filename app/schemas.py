@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-EXAMPLE_QUERY = {"prompt": "The capital of Veltria is", "completion": " Orvane .", "top_k": 5}
+EXAMPLE_QUERY = {"prompt": "The capital of Veltria is", "completion": " Orvane", "top_k": 5}
 
 
 class AttributeRequest(BaseModel):
@@ -25,7 +25,7 @@ class AttributeRequest(BaseModel):
 
 class BatchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"queries": [
-        EXAMPLE_QUERY, {"prompt": "The river that runs through Dunmarsh is", "completion": " the Kell ."}]}]})
+        EXAMPLE_QUERY, {"prompt": "The river that runs through Dunmarsh is", "completion": " Kell"}]}]})
 
     queries: list[AttributeRequest] = Field(..., min_length=1, description="Answered in order (capped).")
 
