@@ -21,10 +21,14 @@ from worker.build import build
 STEPS = 60
 
 
+def _subsets(fit: str) -> int:
+    return 16 if fit == "fidelity" else 6  # finetune mode fine-tunes a model copy per subset: keep it small
+
+
 def _args(model: Path, data: Path, out: Path, fit: str) -> list[str]:
     args = [sys.executable, "-m", "worker.cli", "build", "--model", str(model), "--data", str(data),
-            "--out", str(out), "--num-subsets", "16", "--memberships", "3", "--rank", "4", "--batch-size", "8",
-            "--seed", "3", "--device", "cpu", "--quiet", "--fit", fit]
+            "--out", str(out), "--num-subsets", str(_subsets(fit)), "--memberships", "3", "--rank", "4",
+            "--batch-size", "8", "--seed", "3", "--device", "cpu", "--quiet", "--fit", fit]
     if fit == "fidelity":
         return [*args, "--steps", str(STEPS), "--checkpoint-every", "5"]
     return [*args, "--steps", "1", "--checkpoint-every", "10", "--finetune-steps", "2"]  # a checkpoint per subset
@@ -32,7 +36,7 @@ def _args(model: Path, data: Path, out: Path, fit: str) -> list[str]:
 
 def _config(fit: str) -> BuildConfig:
     """The BuildConfig the command line above makes."""
-    common = dict(num_subsets=16, memberships=3, rank=4, batch_size=8, seed=3, fit=fit)
+    common = dict(num_subsets=_subsets(fit), memberships=3, rank=4, batch_size=8, seed=3, fit=fit)
     if fit == "fidelity":
         return BuildConfig(steps=STEPS, checkpoint_every=5, **common)
     return BuildConfig(steps=1, checkpoint_every=10, finetune_steps=2, **common)
@@ -64,7 +68,7 @@ def test_kill_and_resume_gives_the_same_store(tmp_path: Path, fit: str) -> None:
     assert not out.exists()  # a killed build leaves no store ...
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.") and p.name != ".out.ckpt"]  # nor temp
     killed_at = torch.load(state, weights_only=False)["step"]
-    total = STEPS if fit == "fidelity" else 16
+    total = STEPS if fit == "fidelity" else _subsets(fit)
     assert 0 < killed_at < total
 
     resumed = _run(_args(model, data, out, fit))
