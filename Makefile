@@ -45,5 +45,11 @@ test: venv
 lint: venv
 	$(BIN)/ruff check .
 
+# The reference benchmark (bench/README.md). The torch pin keeps kronfluence's torchvision
+# requirement from pulling a newer (CUDA) torch.
+bench: venv
+	$(BIN)/python -m pip install -q "$(TORCH)" -e '.[bench]'
+	$(BIN)/python -m bench
+
 clean:
 	rm -rf $(DEMO) $(VENV) .pytest_cache

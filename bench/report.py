@@ -74,6 +74,29 @@ def plots(info: dict, out: Path) -> list[str]:
     return made
 
 
+NOTES = """## Notes
+
+- **Kronfluence** is installed from PyPI (`kronfluence`, the `bench` extra) and used as published: a `Task`
+  (summed token cross-entropy as training loss, with labels sampled from the model for the true Fisher;
+  the completion's summed cross-entropy as measurement; the attention mask), `prepare_model`, `Analyzer`
+  on CPU, `fit_all_factors(strategy="ekfac")` with default damping, `compute_pairwise_scores`. Its
+  latency column is one query through `compute_pairwise_scores(query_indices=[i])`, which recomputes the
+  n training gradients each time (the API has no stored-gradient index).
+- **TRAK (`traker`)** was not run. Its PyPI package installs beside torch without pulling another one,
+  but scoring a causal LM needs a custom `AbstractModelOutput` for sequence losses and its CPU path
+  uses the slow `BasicProjector` (the fast projector is CUDA-only); within this benchmark's time box
+  the TRAK-style row (the same estimator: a Gaussian random projection of per-example gradients, then
+  `phi_q (Phi^T Phi + ridge I)^-1 Phi^T`, one checkpoint, no ensemble) stands in for it.
+- **Gradient dot product / cosine** use the per-example gradients of every `nn.Linear` weight (the
+  modules Kronfluence tracks), mean token NLL, at the final checkpoint (TracIn with one checkpoint).
+- **Ablation rows** score with `M^T y` (centred), skipping the sparse solve; they share the STRIDE
+  store and are not separate methods.
+- **Timings** come from a shared 2-core machine whose load average is printed above; compare rows of
+  the same run rather than absolute values. torch runs with one thread (`--threads`): on this loaded
+  2-core machine two threads oversubscribe the cores and made training steps many times slower.
+"""
+
+
 def write_report(info: dict, out: Path) -> None:
     made = plots(info, out)
     s, d, m, gt = info["setting"], info["data"], info["machine"], info["ground_truth"]
@@ -131,8 +154,11 @@ def write_report(info: dict, out: Path) -> None:
              "methods: the n train gradients; TRAK-style: plus projection and kernel inverse; Kronfluence: "
              "`fit_all_factors`). *query*: wall time of one query scored against all n documents, after "
              "warm-up, batch size 1.")
-    L.append("- *state*: " + "; ".join(f"{k}: {v['state_note']}" for k, v in info["methods"].items()
-                                        if v.get("state_note")) + ".")
+    notes = {}
+    for k, v in info["methods"].items():
+        if v.get("state_note") and v["status"] != "ablation":
+            notes.setdefault(v["state_note"], []).append(k)
+    L.append("- *state*: " + "; ".join(f"{', '.join(ks)}: {note}" for note, ks in notes.items()) + ".")
     L.append("- *peak RSS growth*: peak resident set size of the process during the method's precompute and "
              "scoring, minus the level at its start, sampled every 10 ms (tracemalloc does not see torch "
              "allocations).")
@@ -175,7 +201,5 @@ def write_report(info: dict, out: Path) -> None:
     L.append("## Stage wall times\n")
     L.extend(f"- {k}: {v:.1f} s" for k, v in info["stages_s"].items())
     L.append("")
-    extra = out / "NOTES.md"
-    if extra.is_file():
-        L.append(extra.read_text())
+    L.append(NOTES)
     (out / "REPORT.md").write_text("\n".join(L) + "\n")

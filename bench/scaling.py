@@ -45,7 +45,7 @@ def _median_ms(fn, reps: int, warmup: int = 1) -> float:
 
 
 def stride_at(n: int, lm: LM, ref_ops: SteeringOperators, query: Record, model_dir: Path, reps: int,
-              seed: int = 0) -> dict:
+              warmup: int = 1, seed: int = 0) -> dict:
     cfg = BuildConfig().resolve(n, lm.num_layers)
     K, r, d = int(cfg.num_subsets), cfg.rank, cfg.memberships
     ops = SteeringOperators(lm.hidden_size, r, K)
@@ -77,8 +77,8 @@ def stride_at(n: int, lm: LM, ref_ops: SteeringOperators, query: Record, model_d
     def do_solve():
         state["sol"] = solve(design, state["Y"], solver.lam_ratio, solver.max_iter, solver.tol)
 
-    parts = {"forward": _median_ms(forward, reps), "measure": _median_ms(measure, reps),
-             "solve": _median_ms(do_solve, reps)}
+    parts = {"forward": _median_ms(forward, reps, max(warmup, 1)), "measure": _median_ms(measure, reps, max(warmup, 1)),
+             "solve": _median_ms(do_solve, reps, warmup)}
     tmp = Path(tempfile.mkdtemp(prefix="stride-scale-"))
     try:
         stub = tmp / "stub.jsonl"
@@ -91,11 +91,12 @@ def stride_at(n: int, lm: LM, ref_ops: SteeringOperators, query: Record, model_d
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"n": n, "K": K, "rank": r, "memberships": d, "latency_ms": sum(parts.values()), "parts_ms": parts,
+            "timed_repeats": reps,
             "solver_iterations": int(state["sol"].iterations), "converged": bool(state["sol"].converged.all()),
             "design_setup_s": setup_s, "store_bytes": sum(files.values()), "store_files": files}
 
 
-def projected_at(n: int, k: int, query_cost_ms: float, reps: int, chunk: int = 100_000) -> dict:
+def projected_at(n: int, k: int, query_cost_ms: float, reps: int, warmup: int = 1, chunk: int = 100_000) -> dict:
     rows = min(n, chunk)
     gen = torch.Generator().manual_seed(1)
     X = torch.randn(rows, k, generator=gen)
@@ -106,7 +107,7 @@ def projected_at(n: int, k: int, query_cost_ms: float, reps: int, chunk: int = 1
         for _ in range(times):
             (X @ phi).sum()
 
-    ms = _median_ms(dot, reps)
+    ms = _median_ms(dot, reps, warmup)
     return {"n": n, "proj_dim": k, "latency_ms": query_cost_ms + ms, "parts_ms": {"query_gradient+projection":
             query_cost_ms, "dot": ms}, "store_bytes": n * k * 4, "timed_rows": rows, "chunks": times}
 
@@ -120,9 +121,9 @@ def run_scaling(ns: list[int], model_dir: Path, store_dir: Path, query: dict, pr
     rec = Record("q", query["prompt"], query["completion"])
     stride, proj = [], []
     for n in ns:
-        reps = 5 if n <= 100_000 else 2
-        s = stride_at(n, lm, ref, rec, model_dir, reps)
-        p = projected_at(n, proj_dim, grad_query_ms, reps)
+        reps, warm = (5, 1) if n <= 10_000 else (3, 1) if n <= 100_000 else (1, 0)
+        s = stride_at(n, lm, ref, rec, model_dir, reps, warm)
+        p = projected_at(n, proj_dim, grad_query_ms, reps, warm)
         log(f"  n={n:>8}: STRIDE {s['latency_ms']:.1f} ms, {s['store_bytes'] / 2**20:.1f} MiB | projected "
             f"gradients {p['latency_ms']:.1f} ms, {p['store_bytes'] / 2**20:.1f} MiB")
         stride.append(s)
