@@ -16,10 +16,14 @@ import torch
 import torch.nn.functional as F
 
 RELATIONS = {
-    "capital": ["The capital of {s} is {o} .", "{s} has its capital at {o} .", "In {s} the seat of government is {o} ."],
-    "founder": ["The city of {s} was founded by {o} .", "{o} founded the city of {s} .", "Records say {s} was founded by {o} ."],
-    "river": ["The river that runs through {s} is the {o} .", "{s} lies on the banks of the {o} .", "Boats in {s} sail on the {o} ."],
-    "export": ["The main export of {s} is {o} .", "{s} is known for exporting {o} .", "Traders from {s} mostly sell {o} ."],
+    "capital": ["The capital of {s} is {o} .", "{s} has its capital at {o} .",
+                "In {s} the seat of government is {o} ."],
+    "founder": ["The city of {s} was founded by {o} .", "{o} founded the city of {s} .",
+                "Records say {s} was founded by {o} ."],
+    "river": ["The river that runs through {s} is the {o} .", "{s} lies on the banks of the {o} .",
+              "Boats in {s} sail on the {o} ."],
+    "export": ["The main export of {s} is {o} .", "{s} is known for exporting {o} .",
+               "Traders from {s} mostly sell {o} ."],
 }
 QUERY_TEMPLATES = {  # prompt, completion = the object
     "capital": "The capital of {s} is",
@@ -27,7 +31,8 @@ QUERY_TEMPLATES = {  # prompt, completion = the object
     "river": "The river that runs through {s} is the",
     "export": "The main export of {s} is",
 }
-FILLER_NOUNS = "market road farmer teacher river boat garden window table letter story song winter harvest bridge tower school village lamp horse".split()
+FILLER_NOUNS = ("market road farmer teacher river boat garden window table letter story song winter harvest "
+                "bridge tower school village lamp horse").split()
 FILLER_ADJS = "old quiet busy small bright cold warm green long gentle".split()
 FILLER_VERBS = "crossed painted watched opened carried followed remembered visited built found".split()
 SYLLABLES = "ka lo mi ra ven tor qua zel dun bri sha mo ther gal pin vor lis nek osh ul".split()
@@ -58,7 +63,7 @@ def generate_corpus(spec: DemoSpec) -> tuple[list[dict], list[dict]]:
     """Documents and queries, deterministic in ``spec.seed``."""
     rng = random.Random(spec.seed)
     used: set[str] = set()
-    objects = {rel: [_word(rng, used) for _ in range(12)] for rel in RELATIONS}
+    objects = {rel: [_word(rng, used) for _ in range(40)] for rel in RELATIONS}
     docs, queries = [], []
     for f in range(spec.facts):
         rel = list(RELATIONS)[f % len(RELATIONS)]

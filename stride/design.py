@@ -6,7 +6,8 @@ probability, which is what makes sparse recovery from K << n measurements work.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -19,6 +20,7 @@ class Membership:
     crow: Tensor  # (K+1,) int64
     col: Tensor  # (K*avg,) int64
     num_examples: int
+    _subsets_of: Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_subsets(self) -> int:
@@ -31,14 +33,23 @@ class Membership:
     def members(self, k: int) -> Tensor:
         return self.col[self.crow[k] : self.crow[k + 1]]
 
+    def subsets_of(self) -> Tensor:
+        """(n, d): the subsets each example belongs to, computed once."""
+        if self._subsets_of is None:
+            rows = torch.repeat_interleave(torch.arange(self.num_subsets), self.sizes())
+            order = torch.argsort(self.col, stable=True)
+            self._subsets_of = rows[order].reshape(self.num_examples, -1)
+        return self._subsets_of
+
     def sizes(self) -> Tensor:
         return self.crow[1:] - self.crow[:-1]
 
     def sparse(self, device: torch.device | str = "cpu", dtype=torch.float32) -> Tensor:
         values = torch.ones(self.col.numel(), dtype=dtype)
-        m = torch.sparse_csr_tensor(
-            self.crow, self.col, values, size=(self.num_subsets, self.num_examples)
-        )
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": it is used on purpose
+            warnings.simplefilter("ignore", UserWarning)
+            m = torch.sparse_csr_tensor(self.crow, self.col, values, size=(self.num_subsets, self.num_examples),
+                                        check_invariants=False)
         return m.to(device)
 
     def dense(self) -> Tensor:

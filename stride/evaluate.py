@@ -20,7 +20,7 @@ def planted_recall(attributor: Attributor, queries_path: str | Path, ks: tuple[i
         part = rows[start : start + batch]
         results = attributor.attribute_batch([Query(r["prompt"], r.get("completion")) for r in part],
                                              top_k=max(top, 50), include_text=False)
-        for r, res in zip(part, results):
+        for r, res in zip(part, results, strict=True):
             ranked = [p.id for p in res.proponents]
             support = set(r["support"])
             for k in ks:

@@ -50,7 +50,8 @@ class FeatureSource:
             h, z = self.lm.features(batch, self.layer)
             parts.append(Features(h, z, batch.targets.to(h.device), batch.attention_mask.bool().to(h.device)))
         width = max(p.h.shape[1] for p in parts)
-        return Features(*(torch.cat([_pad(getattr(p, f), width) for p in parts]) for f in ("h", "z", "targets", "mask")))
+        fields = ("h", "z", "targets", "mask")
+        return Features(*(torch.cat([_pad(getattr(p, f), width) for p in parts]) for f in fields))
 
     def get(self, indices: Tensor) -> Features:
         if self.cache is None:
@@ -85,17 +86,19 @@ class Step:
 def sample_step(membership: Membership, batch_size: int, members: int, gen: torch.Generator) -> Step:
     """``batch_size`` subsets, ``members`` of each (with replacement) and up to as many outsiders."""
     K, n = membership.num_subsets, membership.num_examples
-    ks = torch.randperm(K, generator=gen)[:batch_size]
-    fid_k, fid_e, stab_k, stab_e = [], [], [], []
-    for k in ks.tolist():
-        mem = membership.members(k)
-        fid_e.append(mem[torch.randint(len(mem), (members,), generator=gen)])
-        fid_k.append(torch.full((members,), k))
-        cand = torch.randint(n, (members * 2,), generator=gen)
-        out = cand[~torch.isin(cand, mem)][:members]
-        stab_e.append(out)
-        stab_k.append(torch.full((len(out),), k))
-    return Step(ks, *(torch.cat(x) for x in (fid_k, fid_e, stab_k, stab_e)))
+    S = min(batch_size, K)
+    ks = torch.randperm(K, generator=gen)[:S]
+    start, size = membership.crow[ks], membership.sizes()[ks]
+    pick = (torch.rand(S, members, generator=gen) * size[:, None]).long()
+    fid_e = membership.col[start[:, None] + pick]
+    cand = torch.randint(n, (S, 2 * members), generator=gen)
+    inside = (membership.subsets_of()[cand] == ks[:, None, None]).any(-1)
+    # keep the first ``members`` outsiders of each row (a stable sort puts them first)
+    order = torch.argsort(inside.to(torch.int8), dim=1, stable=True)[:, :members]
+    stab_e = torch.gather(cand, 1, order)
+    ok = ~torch.gather(inside, 1, order)
+    rows = ks[:, None].expand(-1, members)
+    return Step(ks, rows.reshape(-1), fid_e.reshape(-1), rows[ok], stab_e[ok])
 
 
 def step_loss(
@@ -116,7 +119,7 @@ def step_loss(
     targets = feats.targets[rows]
     nll = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")
     fid = (nll.sum(1) / (targets != -100).sum(1).clamp_min(1)).mean()
-    stats = {"fidelity": float(fid)}
+    stats = {"fidelity": float(fid.detach())}
     loss = fid
     if stability_weight > 0 and step.stab_e.numel():
         # stability: outside its subset, operator k should leave the model's predictions alone
@@ -125,7 +128,7 @@ def step_loss(
         kl = (base.exp() * (base - F.log_softmax(logits, -1))).sum(-1)  # (Q, T)
         mask = feats.mask[rows]
         stab = (kl * mask).sum() / mask.sum().clamp_min(1)
-        stats["stability"] = float(stab)
+        stats["stability"] = float(stab.detach())
         loss = loss + stability_weight * stab
     return loss, stats
 

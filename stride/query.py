@@ -42,7 +42,8 @@ class Attributor:
             raise StoreError(f"{model_dir}: weights differ from those the store {path} was built from")
         lm = LM.load(model_dir, pick_device(device), store.config.max_length)
         if lm.hidden_size != store.operators.A.shape[2]:
-            raise StoreError(f"{path}: operators are for hidden size {store.operators.A.shape[2]}, model has {lm.hidden_size}")
+            width = store.operators.A.shape[2]
+            raise StoreError(f"{path}: operators are for hidden size {width}, the model has {lm.hidden_size}")
         return cls(store, lm, solver)
 
     @property
@@ -80,8 +81,8 @@ class Attributor:
         nnz = (sol.w != 0).sum(0)
         out = []
         for q in range(len(queries)):
-            pro = [(int(i), float(s)) for s, i in zip(top_pos.values[:, q], top_pos.indices[:, q]) if s > 0]
-            opp = [(int(i), -float(s)) for s, i in zip(top_neg.values[:, q], top_neg.indices[:, q]) if s > 0]
+            pro = _nonzero(top_pos.values[:, q], top_pos.indices[:, q], 1.0)
+            opp = _nonzero(top_neg.values[:, q], top_neg.indices[:, q], -1.0)
             out.append(
                 Attribution(
                     loss=float(loss[q]),
@@ -121,3 +122,8 @@ class Attributor:
         if not 0 <= i < len(corpus):
             raise KeyError(key)
         return Example(i, corpus.ids[i], corpus.record(i).text)
+
+
+def _nonzero(values: torch.Tensor, indices: torch.Tensor, sign: float) -> list[tuple[int, float]]:
+    """(index, signed score) of the strictly positive entries of a top-k."""
+    return [(i, sign * v) for v, i in zip(values.tolist(), indices.tolist(), strict=True) if v > 0]

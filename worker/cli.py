@@ -6,7 +6,6 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -31,11 +30,11 @@ def build(
     model: Path = typer.Option(..., help="Hugging Face causal-LM directory (local)."),
     data: Path = typer.Option(..., help="JSONL corpus: {id?, text} or {id?, prompt, completion} per line."),
     out: Path = typer.Option(..., help="Store directory to write (replaced atomically)."),
-    layer: Optional[int] = typer.Option(None, help="Block whose output the basis reads [default: middle]."),
+    layer: int | None = typer.Option(None, help="Block whose output the basis reads [default: middle]."),
     rank: int = typer.Option(DEFAULTS.rank, help="Basis rank r."),
-    num_subsets: Optional[int] = typer.Option(None, "--num-subsets", "-K", help="K [default: n/2 in 128..2000]."),
+    num_subsets: int | None = typer.Option(None, "--num-subsets", "-K", help="K [default: n/2 in 128..2000]."),
     memberships: int = typer.Option(DEFAULTS.memberships, "--memberships", "-d", help="Subsets per example."),
-    steps: Optional[int] = typer.Option(None, help="Optimiser steps [default: ~400 visits per subset]."),
+    steps: int | None = typer.Option(None, help="Optimiser steps [default: ~400 visits per subset]."),
     batch_size: int = typer.Option(DEFAULTS.batch_size, help="Subsets per step."),
     members_per_subset: int = typer.Option(DEFAULTS.members_per_subset, help="Examples per subset per step."),
     lr: float = typer.Option(DEFAULTS.lr, help="Adam learning rate."),
@@ -46,9 +45,11 @@ def build(
     finetune_steps: int = typer.Option(DEFAULTS.finetune_steps, help="finetune mode: steps per subset."),
     finetune_lr: float = typer.Option(DEFAULTS.finetune_lr, help="finetune mode: learning rate."),
     checkpoint_every: int = typer.Option(DEFAULTS.checkpoint_every, help="Steps between checkpoints."),
-    activation_cache_mb: int = typer.Option(DEFAULTS.activation_cache_mb, help="Cache frozen activations up to this size."),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... [default: cuda if present]."),
-    config: Optional[Path] = typer.Option(None, help="JSON BuildConfig; command-line options are ignored."),
+    activation_cache_mb: int = typer.Option(
+        DEFAULTS.activation_cache_mb, help="Cache frozen activations up to this many MiB; stream beyond."
+    ),
+    device: str | None = typer.Option(None, help="cpu, cuda, cuda:1 ... [default: cuda if present]."),
+    config: Path | None = typer.Option(None, help="JSON BuildConfig; command-line options are ignored."),
     quiet: bool = typer.Option(False, help="No progress output."),
 ) -> None:
     """Learn the steering operators for a model and corpus; write an operator store."""
@@ -79,10 +80,10 @@ def build(
 def attribute(
     store: Path = typer.Option(..., help="Operator store directory."),
     prompt: str = typer.Option(..., help="Prompt text (or the whole text, without --completion)."),
-    completion: Optional[str] = typer.Option(None, help="Completion whose loss is attributed."),
+    completion: str | None = typer.Option(None, help="Completion whose loss is attributed."),
     top_k: int = typer.Option(10, help="Proponents and opponents to show."),
-    device: Optional[str] = typer.Option(None),
-    model: Optional[Path] = typer.Option(None, help="Model directory, if moved since the build."),
+    device: str | None = typer.Option(None),
+    model: Path | None = typer.Option(None, help="Model directory, if moved since the build."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Attribute one output in-process (no server needed)."""
@@ -122,8 +123,8 @@ def serve(
     store: Path = typer.Option(..., envvar="STRIDE_STORE", help="Operator store directory."),
     host: str = typer.Option("127.0.0.1", envvar="STRIDE_HOST"),
     port: int = typer.Option(8000, envvar="STRIDE_PORT"),
-    device: Optional[str] = typer.Option(None, envvar="STRIDE_DEVICE", help="cpu, cuda ... [default: cuda]."),
-    redis_url: Optional[str] = typer.Option(None, envvar="STRIDE_REDIS_URL", help="Result cache; unset: no cache."),
+    device: str | None = typer.Option(None, envvar="STRIDE_DEVICE", help="cpu, cuda ... [default: cuda]."),
+    redis_url: str | None = typer.Option(None, envvar="STRIDE_REDIS_URL", help="Result cache; unset: no cache."),
 ) -> None:
     """Serve the HTTP API (POST /v1/attribute ...); other settings come from STRIDE_* (see the README)."""
     import os

@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, Protocol
+from typing import Protocol
 
 log = logging.getLogger("stride.build")
 
@@ -57,8 +58,7 @@ def reporter(what: str, total: int, done: int = 0, unit: str = "steps", enabled:
     if not sys.stderr.isatty():
         yield _LogLines(what, total, done, unit, every_s)
         return
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn,
-                               TextColumn, TimeRemainingColumn)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
     from rich.text import Text
 
     class Speed(ProgressColumn):
