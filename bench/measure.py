@@ -64,7 +64,7 @@ def time_calls(fn, items: list, warmup: int = 2) -> list[float]:
 
 def percentiles(ms: list[float]) -> dict[str, float]:
     if not ms:
-        return {"p50_ms": float("nan"), "p95_ms": float("nan"), "timed_queries": 0}
+        return {"p50_ms": None, "p95_ms": None, "timed_queries": 0}
     a = np.asarray(ms)
     return {"p50_ms": float(np.percentile(a, 50)), "p95_ms": float(np.percentile(a, 95)), "timed_queries": len(ms)}
 

@@ -36,12 +36,13 @@ class Result:
     state_bytes: int = 0
     state_note: str = ""
     latency_ms: list[float] = field(default_factory=list)
-    peak_mb: float = float("nan")
+    peak_mb: float | None = None
     status: str = "ok"
     extra: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
-        return {"precompute_s": self.precompute_s, "state_bytes": self.state_bytes, "state_note": self.state_note,
+        pre = None if math.isnan(self.precompute_s) else self.precompute_s
+        return {"precompute_s": pre, "state_bytes": self.state_bytes, "state_note": self.state_note,
                 "peak_rss_mb": self.peak_mb, "status": self.status, **percentiles(self.latency_ms), **self.extra}
 
 
