@@ -89,6 +89,8 @@ NOTES = """## Notes
   `phi_q (Phi^T Phi + ridge I)^-1 Phi^T`, one checkpoint, no ensemble) stands in for it.
 - **Gradient dot product / cosine** use the per-example gradients of every `nn.Linear` weight (the
   modules Kronfluence tracks), mean token NLL, at the final checkpoint (TracIn with one checkpoint).
+- **The reference row** scores 1 on each fact's planted supporting documents and 0 elsewhere: what
+  LDS gives an attribution that knows exactly which documents state the fact and nothing else.
 - **Ablation rows** score with `M^T y` (centred), skipping the sparse solve; they share the STRIDE
   store and are not separate methods.
 - **Timings** come from a shared 2-core machine whose load average is printed above; compare rows of
@@ -129,7 +131,7 @@ def write_report(info: dict, out: Path) -> None:
              "peak RSS growth |")
     L.append("|---|---|---|---|---|---|---|---|---|")
     for name, v in info["methods"].items():
-        if v["status"] not in ("ok", "ablation", "floor"):
+        if v["status"] not in ("ok", "ablation", "floor", "reference"):
             L.append(f"| {name} | {v['status']} | | | | | | | |")
             continue
         q = f"{_f(v['lds_mean'])} ± {_f(v['lds_std'])}" if "lds_mean" in v else "—"

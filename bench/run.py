@@ -135,6 +135,12 @@ def main(argv: list[str] | None = None) -> dict:
                                                latency_queries=1 if args.quick else 4))
         stage("Kronfluence", t)
     results.append(methods.Result("TRAK (traker package)", status="not run: see the notes below"))
+    # calibration, not a method: 1 on each query's planted supporting documents, 0 elsewhere
+    oracle = torch.zeros(Q, n)
+    for q, sup in enumerate(support):
+        oracle[q, sup] = 1.0
+    results.append(methods.Result("Reference: planted-support indicator (oracle, not a method)", oracle,
+                                  status="reference"))
 
     table = {}
     for r in results:
