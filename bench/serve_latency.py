@@ -55,7 +55,7 @@ def load_texts(store: Path, queries: Path | None) -> list[dict[str, Any]]:
 
 
 def metric(text: str, name: str) -> float:
-    return sum(float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:\{{[^}}]*\}})? (\S+)$", text, re.M))
+    return sum(float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:\{{.*\}})? (\S+)$", text, re.M))
 
 
 async def drive(client: httpx.AsyncClient, bodies: list[dict[str, Any]], concurrency: int) -> dict[str, Any]:

@@ -55,7 +55,7 @@ def metric(text: str, name: str, **labels: str) -> float:
     """Sum of the samples of ``name`` whose labels include ``labels``."""
     total = 0.0
     for line in text.splitlines():
-        m = re.match(rf"^{re.escape(name)}(\{{[^}}]*\}})? (\S+)$", line)
+        m = re.match(rf"^{re.escape(name)}(\{{.*\}})? (\S+)$", line)  # label values may hold braces
         if not m:
             continue
         got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1) or ""))
@@ -401,7 +401,7 @@ def test_bad_input_is_problem_json_never_500(attributor: Attributor, demo_store:
             assert_problem(await c.post("/v1/attribute", json={"prompt": "a b", "completion": "c " * 150}), 413)
             assert_problem(await c.post("/v1/attribute", json={"prompt": "a " * 1500}), 413)  # body limit
 
-            def chunks() -> Any:
+            async def chunks() -> Any:  # no content-length: the limit applies while streaming
                 for _ in range(10):
                     yield b" " * 400
 
