@@ -18,7 +18,7 @@ class BuildConfig:
     """
 
     layer: int | None = None  # None: the middle layer
-    rank: int = 16
+    rank: int = 64
     num_subsets: int | None = None  # None: about n/2, clamped to [128, 2000]
     memberships: int = 10  # d: subsets each example joins
     steps: int | None = None  # None: enough for each subset to be visited ~400 times
@@ -64,7 +64,7 @@ class BuildConfig:
 class SolverConfig:
     """Lasso settings; part of the cache key, so results never mix settings."""
 
-    lam_ratio: float = 0.05  # lambda = lam_ratio * lambda_max
+    lam_ratio: float = 0.2  # lambda = lam_ratio * lambda_max
     max_iter: int = 500
     tol: float = 1e-4  # stop when duality gap <= tol * 0.5 * ||y_c||^2
     first_order: bool = False  # linearised measurement for huge vocabularies
