@@ -19,7 +19,7 @@ class BuildConfig:
 
     layer: int | None = None  # None: the middle layer
     rank: int = 64
-    num_subsets: int | None = None  # None: about n/2, clamped to [128, 2000]
+    num_subsets: int | None = None  # None: n, clamped to [128, 1000]
     memberships: int = 10  # d: subsets each example joins
     steps: int | None = None  # None: enough for each subset to be visited ~400 times
     batch_size: int = 32  # subsets per optimisation step
@@ -49,7 +49,7 @@ class BuildConfig:
 
     def resolve(self, num_examples: int, num_layers: int) -> BuildConfig:
         """Fill the ``None`` fields from the corpus size and model depth."""
-        k = self.num_subsets or int(min(2000, max(128, num_examples // 2)))
+        k = self.num_subsets or int(min(1000, max(128, num_examples)))
         k = max(k, self.memberships)
         steps = self.steps or int(max(500, 400 * k // self.batch_size))
         layer = num_layers // 2 if self.layer is None else self.layer

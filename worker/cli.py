@@ -32,7 +32,7 @@ def build(
     out: Path = typer.Option(..., help="Store directory to write (replaced atomically)."),
     layer: int | None = typer.Option(None, help="Block whose output the basis reads [default: middle]."),
     rank: int = typer.Option(DEFAULTS.rank, help="Basis rank r."),
-    num_subsets: int | None = typer.Option(None, "--num-subsets", "-K", help="K [default: n/2 in 128..2000]."),
+    num_subsets: int | None = typer.Option(None, "--num-subsets", "-K", help="K [default: n, clamped to 128..1000]."),
     memberships: int = typer.Option(DEFAULTS.memberships, "--memberships", "-d", help="Subsets per example."),
     steps: int | None = typer.Option(None, help="Optimiser steps [default: ~400 visits per subset]."),
     batch_size: int = typer.Option(DEFAULTS.batch_size, help="Subsets per step."),
