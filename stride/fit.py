@@ -172,3 +172,37 @@ def ridge_operator(u: Tensor, dz: Tensor, ridge: float) -> Tensor:
 def model_copy(lm: LM) -> tuple[torch.nn.Module, dict[str, Tensor]]:
     work = copy.deepcopy(lm.model)
     return work, {k: v.clone() for k, v in lm.model.state_dict().items()}
+
+
+class OperatorAdam:
+    """Adam for the shared basis, lazy (row-wise) Adam for the operators.
+
+    A step samples a few subsets, so only their rows of A get gradient; a dense Adam would still
+    rewrite all K x r x d entries (most of a step's time at K ~ 1000) and keep moving operators
+    that saw no data through stale momentum.
+    """
+
+    def __init__(self, ops: SteeringOperators, lr: float):
+        self.ops = ops
+        self.basis = torch.optim.Adam([ops.w_psi], lr=lr)
+        self.rows = torch.optim.SparseAdam([ops.A], lr=lr)
+
+    def zero_grad(self) -> None:
+        self.basis.zero_grad(set_to_none=True)
+        self.rows.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        A = self.ops.A
+        if A.grad is not None and not A.grad.is_sparse:
+            g = A.grad
+            touched = torch.nonzero(g.flatten(1).abs().amax(1) > 0).squeeze(1)
+            A.grad = torch.sparse_coo_tensor(touched[None], g[touched], g.shape)
+        self.basis.step()
+        self.rows.step()
+
+    def state_dict(self) -> dict:
+        return {"basis": self.basis.state_dict(), "rows": self.rows.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.basis.load_state_dict(state["basis"])
+        self.rows.load_state_dict(state["rows"])

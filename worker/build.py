@@ -23,7 +23,7 @@ import torch.distributed as dist
 from stride.config import BuildConfig
 from stride.corpus import Corpus, file_sha256
 from stride.design import Membership, random_design
-from stride.fit import FeatureSource, finetune_shift, model_copy, ridge_operator, sample_step, step_loss
+from stride.fit import FeatureSource, OperatorAdam, finetune_shift, model_copy, ridge_operator, sample_step, step_loss
 from stride.model import LM, pick_device, weights_sha256
 from stride.operators import SteeringOperators
 from stride.store import write_store
@@ -31,6 +31,7 @@ from worker.progress import reporter
 
 log = logging.getLogger("stride.build")
 BASIS_SAMPLE = 256  # examples whose activations fix the standardisation and basis
+CHECKPOINT_FORMAT = 2  # bump when checkpoint contents change: older ones are then ignored
 
 
 @dataclass
@@ -78,9 +79,8 @@ def build(
     lm = LM.load(model_dir, dev, config.max_length)
     cfg = config.resolve(len(corpus), lm.num_layers)
     model_sha = weights_sha256(model_dir)
-    fingerprint = hashlib.sha256(
-        json.dumps([cfg.to_dict(), file_sha256(data), model_sha, world.size], sort_keys=True).encode()
-    ).hexdigest()
+    settings = [cfg.to_dict(), file_sha256(data), model_sha, world.size, CHECKPOINT_FORMAT]
+    fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     membership = random_design(len(corpus), cfg.num_subsets, cfg.memberships, cfg.seed)
     log.info("build: n=%d K=%d d=%d rank=%d layer=%d mode=%s steps=%d device=%s world=%d",
              len(corpus), cfg.num_subsets, cfg.memberships, cfg.rank, cfg.layer, cfg.fit,
@@ -132,7 +132,7 @@ def _save_checkpoint(ckpt: Path, state: dict) -> None:
 
 def _fit_fidelity(ops: SteeringOperators, lm: LM, source: FeatureSource, membership: Membership,
                   cfg: BuildConfig, world: World, ckpt: Path, fingerprint: str, show: bool) -> None:
-    opt = torch.optim.Adam(ops.parameters(), lr=cfg.lr)
+    opt = OperatorAdam(ops, cfg.lr)
     start = 0
     if state := _load_checkpoint(ckpt, fingerprint):
         ops.load_state_dict(state["ops"])
@@ -145,7 +145,7 @@ def _fit_fidelity(ops: SteeringOperators, lm: LM, source: FeatureSource, members
             batch = sample_step(membership, cfg.batch_size, cfg.members_per_subset,
                                 step_generator(cfg.seed, step, world.rank))
             loss, stats = step_loss(ops, lm, source, batch, cfg.stability_weight)
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad()
             loss.backward()
             world.mean_grads(ops.parameters())
             opt.step()
