@@ -79,12 +79,31 @@ def assert_problem(r: httpx.Response, status: int) -> dict[str, Any]:
     return body
 
 
-def same_answer(a: dict[str, Any], b: dict[str, Any]) -> None:
-    """Equal up to float noise from batch composition (padding, extra FISTA iterations)."""
-    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+def same_answer(a: dict[str, Any], b: dict[str, Any], exact: bool = False) -> None:
+    """The same answer; with ``exact=False``, to within the solver's tolerance.
+
+    A batched solve runs until every query in it has converged, so a query that converged early keeps
+    iterating and its weights move by ~0.1% relative (measured) towards the exact Lasso optimum; the
+    loss moves by float32 noise (padding changes the reductions' shapes). Examples whose scores tie
+    to within that may swap ranks or cross the top-k cut-off; nothing else may differ.
+    """
+    if exact:
+        assert {k: a[k] for k in ("loss", "proponents", "opponents")} == {
+            k: b[k] for k in ("loss", "proponents", "opponents")}
+        return
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
     for side in ("proponents", "opponents"):
-        assert [s["id"] for s in a[side]] == [s["id"] for s in b[side]], side
-        assert [s["score"] for s in a[side]] == pytest.approx([s["score"] for s in b[side]], rel=1e-3, abs=1e-6)
+        sa = {s["id"]: s["score"] for s in a[side]}
+        sb = {s["id"]: s["score"] for s in b[side]}
+        assert len(sa) == len(sb), side
+        tol = 1e-2 * max([abs(x) for x in (*sa.values(), *sb.values())] + [1e-12])
+        # the k-th best score agrees for every k, ranks included
+        assert [s["score"] for s in a[side]] == pytest.approx([s["score"] for s in b[side]], abs=tol), side
+        for key in sa.keys() & sb.keys():
+            assert abs(sa[key] - sb[key]) <= tol, (side, key)
+        cutoff = min(abs(a[side][-1]["score"]), abs(b[side][-1]["score"]))
+        for key in sa.keys() ^ sb.keys():  # only examples at the cut-off may come and go
+            assert abs(sa.get(key, sb.get(key, 0.0))) <= cutoff + tol, (side, key)
 
 
 class Gate:
@@ -135,7 +154,7 @@ def test_attribute_matches_in_process_api(attributor: Attributor, demo_store: Pa
             assert all(s["score"] > 0 and s["text"] for s in body["proponents"])
             assert all(s["score"] < 0 for s in body["opponents"])
             direct = attributor.attribute(q["prompt"], q["completion"], top_k=5).to_dict()
-            same_answer(body, direct)
+            same_answer(body, direct, exact=True)  # a lone query is the in-process computation, bit for bit
 
             r = await c.post("/v1/attribute", json={**q, "top_k": 3, "include_text": False})
             assert r.status_code == 200 and len(r.json()["proponents"]) <= 3
