@@ -66,12 +66,16 @@ def random_design(num_examples: int, num_subsets: int, d: int, seed: int) -> Mem
     for start in range(0, num_examples, chunk):
         rows = min(chunk, num_examples - start)
         picks.append(torch.rand(rows, num_subsets, generator=gen).topk(d, dim=1).indices)
-    subsets = torch.cat(picks)  # (n, d)
-    examples = torch.arange(num_examples).repeat_interleave(d)
-    order = torch.argsort(subsets.reshape(-1) * num_examples + examples)
-    rows_sorted = subsets.reshape(-1)[order]
-    col = examples[order]
-    counts = torch.bincount(rows_sorted, minlength=num_subsets)
+    return from_subsets(torch.cat(picks), num_subsets)
+
+
+def from_subsets(subsets: Tensor, num_subsets: int) -> Membership:
+    """The membership whose example i belongs to the subsets in row i of ``subsets`` (n, d)."""
+    n, d = subsets.shape
+    examples = torch.arange(n).repeat_interleave(d)
+    flat = subsets.reshape(-1).cpu()
+    order = torch.argsort(flat * n + examples)
+    counts = torch.bincount(flat, minlength=num_subsets)
     crow = torch.zeros(num_subsets + 1, dtype=torch.long)
     crow[1:] = torch.cumsum(counts, 0)
-    return Membership(crow, col, num_examples)
+    return Membership(crow, examples[order], n)

@@ -123,3 +123,18 @@ def test_constant_y_gives_zero_weights() -> None:
     torch.testing.assert_close(sol.intercept, torch.full((2,), 3.25))
     assert bool(sol.converged.all())
     assert torch.isfinite(sol.gap).all()
+
+
+def test_working_set_matches_full_solve() -> None:
+    """Large n: the working-set path (KKT-checked) reaches the full FISTA solution."""
+    n, K, Q = 6000, 100, 3
+    design = SparseDesign(random_design(n, K, 5, seed=3))
+    gen = torch.Generator().manual_seed(0)
+    w_true = torch.zeros(n, Q)
+    w_true[torch.randint(n, (8, Q), generator=gen), torch.arange(Q)] = 1.0
+    Y = design.M @ w_true + 0.05 * torch.randn(K, Q, generator=gen)
+    ws = solve(design, Y, 0.2, 5000, 1e-5, working_set=2 * K)
+    full = solve(design, Y, 0.2, 5000, 1e-5, working_set=n)
+    assert bool(ws.converged.all()) and bool(full.converged.all())
+    assert torch.allclose(ws.w, full.w, atol=1e-3 * float(full.w.abs().max()))
+    assert torch.allclose(ws.intercept, full.intercept, atol=1e-3)
