@@ -21,36 +21,18 @@ import torch
 import torch.nn.functional as F
 
 from stride.corpus import Record
-from stride.demo import build_tokenizer
+from stride.demo import FILLER_ADJS as ADJS
+from stride.demo import FILLER_NOUNS as NOUNS
+from stride.demo import FILLER_VERBS as VERBS
+from stride.demo import QUERY_TEMPLATES, RELATIONS, SYLLABLES, build_tokenizer
 from stride.model import LM
 
-RELATIONS = {
-    "capital": ["The capital of {s} is {o} .", "{s} has its capital at {o} .",
-                "In {s} the seat of government is {o} ."],
-    "founder": ["The city of {s} was founded by {o} .", "{o} founded the city of {s} .",
-                "Records say {s} was founded by {o} ."],
-    "river": ["The river that runs through {s} is the {o} .", "{s} lies on the banks of the {o} .",
-              "Boats in {s} sail on the {o} ."],
-    "export": ["The main export of {s} is {o} .", "{s} is known for exporting {o} .",
-               "Traders from {s} mostly sell {o} ."],
-}
-QUERY_TEMPLATES = {  # prompt; completion = " " + object. Phrased like the first training template.
-    "capital": "The capital of {s} is",
-    "founder": "The city of {s} was founded by",
-    "river": "The river that runs through {s} is the",
-    "export": "The main export of {s} is",
-}
 HELDOUT_TEMPLATES = {  # phrasings no training document uses
     "capital": "Question : which city is the capital of {s} ? Answer :",
     "founder": "Question : who founded {s} ? Answer :",
     "river": "Question : which river flows through {s} ? Answer :",
     "export": "Question : what does {s} export ? Answer :",
 }
-NOUNS = ("market road farmer teacher river boat garden window table letter story song winter harvest bridge "
-         "tower school village lamp horse").split()
-ADJS = "old quiet busy small bright cold warm green long gentle".split()
-VERBS = "crossed painted watched opened carried followed remembered visited built found".split()
-SYLLABLES = "ka lo mi ra ven tor qua zel dun bri sha mo ther gal pin vor lis nek osh ul".split()
 
 
 @dataclass
