@@ -81,8 +81,8 @@ def solve(
     """Batched Lasso over the columns of Y (K, Q), exact up to the duality-gap tolerance.
 
     When n is large, FISTA runs on a working set of columns (the ``working_set`` most correlated
-    with y per query, default 2K), then the full KKT conditions are checked and violators added
-    until none remain; the reported gap is always the full problem's.
+    with y, default 2K), then the full KKT conditions are checked and violators added until none
+    remain; the reported gap is always the full problem's.
     """
     Y = Y.float()
     y_mean = Y.mean(0)
@@ -94,8 +94,11 @@ def solve(
     if design.n <= 2 * size:
         w, iterations = _fista(design, yc, lam, torch.zeros(design.n, Y.shape[1], device=Y.device),
                                max_iter, tol, check_every)
-    else:
-        w, iterations = _working_set(design, yc, lam, corr, size, max_iter, tol, check_every)
+    else:  # one query at a time: its working set, and so its answer, does not depend on the batch
+        parts = [_working_set(design, yc[:, q : q + 1], lam[q : q + 1], corr[:, q : q + 1], size, max_iter, tol,
+                              check_every) for q in range(Y.shape[1])]
+        w = torch.cat([p[0] for p in parts], 1)
+        iterations = max(p[1] for p in parts)
     gap_rel = duality_gap(design, yc, w, lam) / half_norm
     converged = (gap_rel <= tol) | (0.5 * (yc**2).sum(0) <= 0)
     intercept = y_mean - design.col_mean @ w
@@ -105,7 +108,7 @@ def solve(
 def _working_set(design: SparseDesign, yc: Tensor, lam: Tensor, corr: Tensor, size: int,
                  max_iter: int, tol: float, check_every: int, rounds: int = 10) -> tuple[Tensor, int]:
     n, Q = corr.shape
-    score = (corr.abs() / lam.clamp_min(1e-30)).amax(1)  # most-violating across the batch
+    score = (corr.abs() / lam.clamp_min(1e-30)).amax(1)
     cols = torch.topk(score, min(n, size)).indices.sort().values
     w = torch.zeros(n, Q, device=yc.device)
     iterations = 0
@@ -125,19 +128,23 @@ def _working_set(design: SparseDesign, yc: Tensor, lam: Tensor, corr: Tensor, si
 
 def _fista(design: SparseDesign, yc: Tensor, lam: Tensor, w: Tensor, max_iter: int, tol: float,
            check_every: int) -> tuple[Tensor, int]:
-    """FISTA from ``w``; stops when every column's relative duality gap is within ``tol``."""
+    """FISTA from ``w``. A column stops moving once its relative duality gap is within ``tol``, so a
+    query gets the same answer alone as in any batch."""
     half_norm = (0.5 * (yc**2).sum(0)).clamp_min(1e-30)
     L = design.lipschitz
     v, t = w.clone(), 1.0
+    done = torch.zeros(yc.shape[1], dtype=torch.bool, device=yc.device)
     it = 0
     for it in range(1, max_iter + 1):
         grad = design.rmatvec(design.matvec(v) - yc)
-        w_new = soft(v - grad / L, lam / L)
+        w_new = torch.where(done, w, soft(v - grad / L, lam / L))
         t_new = (1 + (1 + 4 * t * t) ** 0.5) / 2
-        v = w_new + ((t - 1) / t_new) * (w_new - w)
+        v = torch.where(done, w_new, w_new + ((t - 1) / t_new) * (w_new - w))
         w, t = w_new, t_new
-        if it % check_every == 0 and bool((duality_gap(design, yc, w, lam) / half_norm <= tol).all()):
-            break
+        if it % check_every == 0:
+            done |= duality_gap(design, yc, w, lam) / half_norm <= tol
+            if bool(done.all()):
+                break
     return w, it
 
 
