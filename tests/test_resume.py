@@ -21,6 +21,18 @@ from worker.build import build
 STEPS = 60
 
 
+@pytest.fixture(autouse=True)
+def _fixed_threads(monkeypatch: pytest.MonkeyPatch):
+    """Bit-exact comparisons need one reduction order: MKL and OpenMP may vary thread use with load."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.setenv(var, "1")
+    monkeypatch.setenv("MKL_DYNAMIC", "FALSE")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _subsets(fit: str) -> int:
     return 16 if fit == "fidelity" else 6  # finetune mode fine-tunes a model copy per subset: keep it small
 
