@@ -46,9 +46,12 @@ lint: venv
 	$(BIN)/ruff check .
 
 # The reference benchmark (bench/README.md). The torch pin keeps kronfluence's torchvision
-# requirement from pulling a newer (CUDA) torch.
+# requirement from pulling a newer (CUDA) torch. PyPI's torchvision then fails to import beside the
+# CPU torch ("operator torchvision::nms does not exist"), which breaks transformers' model imports;
+# kronfluence never imports it, so a torchvision that does not import is removed.
 bench: venv
 	$(BIN)/python -m pip install -q "$(TORCH)" -e '.[bench]'
+	$(BIN)/python -c 'import torchvision' 2>/dev/null || $(BIN)/python -m pip uninstall -q -y torchvision
 	$(BIN)/python -m bench
 
 clean:

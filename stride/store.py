@@ -25,7 +25,8 @@ from stride.corpus import Corpus, file_sha256
 from stride.design import Membership
 from stride.operators import SteeringOperators
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: membership column indices as int32 (half the size); 1 is still read
+READS = (1, 2)
 MANIFEST = "manifest.json"
 
 
@@ -71,7 +72,8 @@ def write_store(
             tmp / "basis.safetensors",
         )
         save_file({"A": ops.A.detach().cpu().contiguous()}, tmp / "operators.safetensors")
-        save_file({"crow": membership.crow, "col": membership.col}, tmp / "membership.safetensors")
+        col = membership.col.to(torch.int32 if membership.num_examples < 2**31 else torch.int64)
+        save_file({"crow": membership.crow, "col": col}, tmp / "membership.safetensors")
         save_file(
             {"offsets": torch.from_numpy(corpus.offsets), "lengths": torch.from_numpy(corpus.lengths)},
             tmp / "examples.safetensors",
@@ -124,9 +126,9 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         manifest = json.loads(mf.read_text())
     except json.JSONDecodeError as e:
         raise StoreError(f"{mf}: corrupt manifest ({e})") from None
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READS:
         raise StoreError(
-            f"{mf}: format version {manifest.get('format_version')!r}, this code reads {FORMAT_VERSION}"
+            f"{mf}: format version {manifest.get('format_version')!r}, this code reads {', '.join(map(str, READS))}"
         )
     return manifest
 
@@ -154,6 +156,6 @@ def load_store(path: str | Path, verify: bool = True) -> Store:
                          "w_psi": basis["w_psi"], "A": A})
     ids = json.loads((path / "ids.json").read_text())
     corpus = Corpus(path / "corpus.jsonl", ids, ex["offsets"].numpy(), ex["lengths"].numpy())
-    membership = Membership(mem["crow"], mem["col"], len(ids))
+    membership = Membership(mem["crow"], mem["col"].long(), len(ids))
     return Store(path, manifest, BuildConfig.from_dict(manifest["config"]), ops.requires_grad_(False),
                  membership, corpus)
