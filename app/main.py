@@ -23,7 +23,7 @@ from app.batcher import DeadlineExceeded, Overloaded, Stopped
 from app.context import request_id_var
 from app.engine import Engine
 from app.errors import Problem
-from app.middleware import ApiKeyAuth, BodyLimit, JsonFormatter, RequestContext
+from app.middleware import OPEN_PATHS, ApiKeyAuth, BodyLimit, JsonFormatter, RequestContext
 from app.schemas import (
     AttributeRequest,
     AttributeResponse,
@@ -97,7 +97,8 @@ def create_app(settings: Settings | None = None, attributor: Attributor | None =
     # added innermost first: RequestContext wraps everything, so even a 401 or 413 has a request id,
     # and the key is checked before any body is buffered
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(ApiKeyAuth, keys=settings.keys())
+    app.add_middleware(ApiKeyAuth, keys=settings.keys(),
+                       open_paths=OPEN_PATHS if settings.metrics_need_key else OPEN_PATHS | {"/metrics"})
     app.add_middleware(RequestContext)
 
     def engine_of(request: Request) -> Engine:

@@ -125,9 +125,10 @@ class BodyLimit:
 class ApiKeyAuth:
     """``Authorization: Bearer KEY`` or ``X-API-Key: KEY`` against every configured key, constant time."""
 
-    def __init__(self, app: ASGIApp, keys: list[str]):
+    def __init__(self, app: ASGIApp, keys: list[str], open_paths: frozenset[str] = OPEN_PATHS):
         self.app = app
         self.keys = [k.encode() for k in keys]
+        self.open_paths = open_paths
 
     def _ok(self, given: str | None) -> bool:
         if given is None:
@@ -139,7 +140,7 @@ class ApiKeyAuth:
         return ok
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.keys or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or not self.keys or scope["path"] in self.open_paths:
             await self.app(scope, receive, send)
             return
         given = _header(scope, b"x-api-key")

@@ -25,6 +25,7 @@ class Settings(BaseSettings):
     breaker_reset_s: float = Field(30.0, gt=0, description="How long an open breaker skips Redis.")
 
     api_keys: str = Field("", description="Comma-separated keys; empty disables auth.")
+    metrics_need_key: bool = Field(False, description="Ask for a key on /metrics too (most scrapers send none).")
 
     max_top_k: int = Field(100, ge=1)
     max_batch_queries: int = Field(64, ge=1, description="Queries in one POST /v1/attribute/batch.")

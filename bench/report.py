@@ -99,6 +99,31 @@ NOTES = """## Notes
 """
 
 
+def targets(info: dict) -> list[str]:
+    """The issue's targets, each checked against this run's own numbers."""
+    ms = info["methods"]
+    stride = ms.get("STRIDE fidelity", {})
+    others = {k: v for k, v in ms.items() if v["status"] == "ok" and not k.startswith("STRIDE") and "lds_mean" in v}
+    rows = []
+    if "lds_mean" in stride and others:
+        best = max(others, key=lambda k: others[k]["lds_mean"])
+        rows.append(("STRIDE LDS >= the best other method's", f"{stride['lds_mean']:.3f} vs {best} "
+                     f"{others[best]['lds_mean']:.3f}", stride["lds_mean"] >= others[best]["lds_mean"]))
+    if "recall@5" in stride:
+        rows.append(("planted recall@5 >= 0.9", f"{stride['recall@5']:.3f}", stride["recall@5"] >= 0.9))
+    sc = info.get("scaling")
+    at = [(a, b) for a, b in zip(sc["stride"], sc["projected_gradients"], strict=True) if a["n"] == 10**5] if sc else []
+    if at:
+        a, b = at[0]
+        lat, size = b["latency_ms"] / a["latency_ms"], b["store_bytes"] / a["store_bytes"]
+        rows.append(("query latency at n = 10^5 >= 10x below projected gradients", f"{lat:.2f}x", lat >= 10))
+        rows.append(("store at n = 10^5 >= 100x smaller", f"{size:.1f}x", size >= 100))
+    rows.append(("full run within 45 min on 2 cores", f"{info['wall_s'] / 60:.1f} min", info["wall_s"] <= 45 * 60))
+    out = ["## Targets\n", "| target | this run | met |", "|---|---|---|"]
+    out += [f"| {t} | {v} | {'yes' if ok else '**no**'} |" for t, v, ok in rows]
+    return out + [""]
+
+
 def write_report(info: dict, out: Path) -> None:
     made = plots(info, out)
     s, d, m, gt = info["setting"], info["data"], info["machine"], info["ground_truth"]
@@ -196,6 +221,7 @@ def write_report(info: dict, out: Path) -> None:
         L.append("")
         L.append("Ratios are baseline / STRIDE (above 1: STRIDE is cheaper). STRIDE store files at the largest n: "
                  + ", ".join(f"{k} {_size(v)}" for k, v in sc["stride"][-1]["store_files"].items()) + ".\n")
+    L.extend(targets(info))
     if made:
         L.append("## Plots\n")
         L.extend(f"![{p}]({p})" for p in made)

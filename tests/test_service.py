@@ -447,10 +447,13 @@ def test_api_keys(attributor: Attributor, demo_store: Path, queries: list) -> No
                 assert_problem(r, 401)
                 assert r.headers["www-authenticate"].startswith("Bearer")
             assert_problem(await c.get("/v1/info"), 401)
-            assert_problem(await c.get("/metrics"), 401)
+            assert (await c.get("/metrics")).status_code == 200  # scrapers send no key
             assert (await c.post("/v1/attribute", json=queries[0],
                                  headers={"Authorization": "Bearer key-one"})).status_code == 200
             assert (await c.get("/v1/info", headers={"X-API-Key": "key-two"})).json()["auth"] is True
+        async with serve(attributor, demo_store, api_keys="key-one", metrics_need_key=True) as c:
+            assert_problem(await c.get("/metrics"), 401)
+            assert (await c.get("/metrics", headers={"X-API-Key": "key-one"})).status_code == 200
         async with serve(attributor, demo_store) as c:
             assert (await c.post("/v1/attribute", json=queries[0])).status_code == 200
             assert (await c.get("/v1/info")).json()["auth"] is False
