@@ -25,7 +25,7 @@ class BuildConfig:
     batch_size: int = 32  # subsets per optimisation step
     members_per_subset: int = 4
     lr: float = 3e-3
-    stability_weight: float = 1.0
+    stability_weight: float = 10.0  # KL on non-members; higher makes operators subset-specific (README)
     seed: int = 0
     fit: FitMode = "fidelity"
     max_length: int = 256
