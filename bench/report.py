@@ -93,6 +93,23 @@ NOTES = """## Notes
   LDS gives an attribution that knows exactly which documents state the fact and nothing else.
 - **Ablation rows** score with `M^T y` (centred), skipping the sparse solve; they share the STRIDE
   store and are not separate methods.
+- **What was tuned, and how** (only through `stride build` options, one build each, on this setting
+  and on the demo of `make demo`): rank 16 -> 64 and K = n/2 -> n (demo recall@5 0.41 -> 0.89); Lasso
+  lambda 0.05 -> 0.2 lambda_max (flat from 0.1 to 0.5 on the demo); stability weight 1 -> 10 after a
+  4000-step screen on this setting (LDS 0.065 at 1, 0.112 at 5, 0.151 at 20, 0.130 at 50; recall@5
+  0.24, 0.32, 0.30, 0.23), which costs the demo little (recall@5 0.885 at 1, 0.867 at 10, 0.844 at 20).
+- **Why STRIDE's recall stays low here** (a likely reason, not isolated by an experiment): each
+  object name answers about six facts (48 objects for 300 facts), so an operator that raises
+  "Ulquanek" after any "The capital of ... is" lowers the loss of every query with that answer; the
+  stability term on random non-members rarely sees those contexts. The demo's objects are mostly
+  unique and its recall@5 is 0.84-0.89. BM25 matches the subject word itself.
+- **Why the latency and store targets are missed at this model size**: the projected-gradient query is
+  one backward pass of a 266K-parameter model plus a dot product, about 14 ms here; STRIDE's forward
+  pass and K = 1000 measurements alone take about 8 ms, and its Lasso over n grows with n. The store
+  holds K x r x d_model float32 operators (1000 x 64 x 64: 15.6 MiB) whatever n is, so below n ~ 10^5
+  it is not smaller than n projected vectors. The article's ratios (0.42 s vs 5.5 s per query, 150 MB
+  vs > 2 GB) are for billion-parameter models, where the query gradient and P-dimensional projection
+  dominate; that regime is not measured here.
 - **Timings** come from a shared 2-core machine whose load average is printed above; compare rows of
   the same run rather than absolute values. torch runs with one thread (`--threads`): on this loaded
   2-core machine two threads oversubscribe the cores and made training steps many times slower.
