@@ -128,6 +128,19 @@ def test_missing_file(assets, tmp_path: Path) -> None:
         load_store(path)
 
 
+def test_membership_is_int32_on_disk_and_format_1_stores_still_load(assets, tmp_path: Path) -> None:
+    path, _, membership, _, _ = _write(tmp_path / "s", assets)
+    assert load_file(path / "membership.safetensors")["col"].dtype == torch.int32
+    # a format-1 store: int64 columns, its own digest in the manifest
+    save_file({"crow": membership.crow, "col": membership.col.long()}, path / "membership.safetensors")
+    manifest = json.loads((path / MANIFEST).read_text())
+    manifest["format_version"] = 1
+    manifest["files"]["membership.safetensors"] = file_sha256(path / "membership.safetensors")
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    st = load_store(path)
+    assert st.membership.col.dtype == torch.long and torch.equal(st.membership.col, membership.col)
+
+
 def test_unknown_format_version(assets, tmp_path: Path) -> None:
     path = shutil.copytree(assets["built"], tmp_path / "s")
     manifest = json.loads((path / MANIFEST).read_text())
