@@ -97,7 +97,8 @@ NOTES = """## Notes
   and on the demo of `make demo`): rank 16 -> 64 and K = n/2 -> n (demo recall@5 0.41 -> 0.89); Lasso
   lambda 0.05 -> 0.2 lambda_max (flat from 0.1 to 0.5 on the demo); stability weight 1 -> 10 after a
   4000-step screen on this setting (LDS 0.065 at 1, 0.112 at 5, 0.129 at 10, 0.151 at 20, 0.130 at
-  50; recall@5 0.24, 0.32, 0.30, 0.30, 0.23), which costs the demo little (recall@5 0.885 at 1, 0.867 at 10, 0.844 at 20).
+  50; recall@5 0.24, 0.32, 0.30, 0.30, 0.23), which costs the demo little (recall@5 0.885 at 1,
+  0.867 at 10, 0.844 at 20).
   Tried and not kept: drawing some of the stability outsiders as the nearest examples in mean layer
   activation (same template, usually the same answer): at weight 10 and 4000 steps, LDS 0.129 with
   none, 0.126 with 2 of 4, 0.086 with 4 of 4 (recall@5 0.30, 0.32, 0.29).
