@@ -6,7 +6,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-FitMode = Literal["fidelity", "finetune"]
+FitMode = Literal["revert", "add", "forget", "fidelity", "finetune"]
+REFERENCE_MODES = ("revert", "add")  # modes that need a reference (pre-fine-tuning) checkpoint
+LEAVE_OUT_MODES = ("revert", "forget")  # operators simulate removing a subset: y_k = L_k(q) - L(q)
 
 
 @dataclass
@@ -27,7 +29,7 @@ class BuildConfig:
     lr: float = 3e-3
     stability_weight: float = 10.0  # KL on non-members; higher makes operators subset-specific (README)
     seed: int = 0
-    fit: FitMode = "fidelity"
+    fit: FitMode | None = None  # None: "revert" when a reference model is given, else "fidelity"
     max_length: int = 256
     activation_cache_mb: int = 1024  # cache frozen activations up to this size, else stream
     finetune_steps: int = 4
@@ -38,6 +40,14 @@ class BuildConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def measurement_sign(self) -> float:
+        """+1: y_k = L(q) - L_k(q) (operator k adds subset k); -1: y_k = L_k(q) - L(q) (it removes it).
+
+        Either way a positive Lasso weight means "training on this example lowered the query's loss".
+        """
+        return -1.0 if self.fit in LEAVE_OUT_MODES else 1.0
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BuildConfig:
