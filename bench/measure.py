@@ -88,6 +88,25 @@ def lds(scores: torch.Tensor, masks: torch.Tensor, losses: torch.Tensor) -> np.n
     return out
 
 
+def split_rows(setting, split: str = "report") -> slice:
+    """Retrain rows of a split: the last ``tune_retrains`` choose hyper-parameters, the rest are reported.
+
+    Kept apart so that no reported LDS comes from retrains that a knob was tuned on.
+    """
+    cut = setting.retrains - setting.tune_retrains
+    if split == "report":
+        return slice(0, cut)
+    if split == "tune":
+        return slice(cut, setting.retrains)
+    raise ValueError(f"split must be 'report' or 'tune', not {split!r}")
+
+
+def lds_split(scores: torch.Tensor, gt: dict, setting, split: str = "report") -> np.ndarray:
+    """Per-query LDS on one split of the ground truth (``gt`` from ``bench.groundtruth.ground_truth``)."""
+    rows = split_rows(setting, split)
+    return lds(scores, gt["masks"][rows], gt["losses"][rows])
+
+
 def planted_recall(scores: torch.Tensor, support: list[list[int]], ks=(1, 5)) -> dict[str, float]:
     """recall@k of each query's supporting documents among its top-k proponents (score > 0), MRR."""
     order = torch.argsort(scores, dim=1, descending=True, stable=True)

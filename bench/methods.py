@@ -61,6 +61,7 @@ def stride_scores(attr, queries: list[dict], chunk: int = 32) -> tuple[torch.Ten
             batch = attr.lm.encode(records(queries[s : s + chunk]))
             h, z = attr.lm.features(batch, attr.layer)
             _, Y = loss_drops(attr.lm, attr.ops, h, z, batch.targets.to(h.device), attr.solver.first_order)
+            Y = Y * attr.store.config.measurement_sign  # leave-out modes measure L_k - L: same sign convention
             sol = solve(attr.design, Y, attr.solver.lam_ratio, attr.solver.max_iter, attr.solver.tol)
             ws.append(sol.w.T.cpu())
             raw.append(attr.design.rmatvec(Y - Y.mean(0)).T.cpu())

@@ -16,7 +16,7 @@ import torch
 
 from bench import methods
 from bench.groundtruth import ground_truth
-from bench.measure import PeakRSS, lds, planted_recall
+from bench.measure import PeakRSS, lds_split, planted_recall
 from bench.setting import FULL, QUICK, materialise
 
 HERE = Path(__file__).resolve().parent
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
     for r in results:
         entry = r.summary()
         if r.scores is not None:
-            per_q = lds(r.scores, gt["masks"], gt["losses"])
+            per_q = lds_split(r.scores, gt, setting, "report")
             entry.update({"lds_mean": float(per_q.mean()), "lds_std": float(per_q.std()),
                           "lds_mean_seen_phrasing": float(per_q[~held].mean()) if (~held).any() else None,
                           "lds_mean_heldout_phrasing": float(per_q[held].mean()) if held.any() else None,
