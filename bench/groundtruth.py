@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from bench.setting import Built, query_losses, train
+from bench.setting import Built, doc_record, query_losses, train
 
 
 def ground_truth(b: Built, cache_root: Path, log=print) -> dict:
@@ -25,7 +25,7 @@ def ground_truth(b: Built, cache_root: Path, log=print) -> dict:
     state = torch.load(f) if f.is_file() else {"masks": [], "losses": [], "seconds": []}
     reused = len(state["masks"])
     n = len(b.docs)
-    texts = [d["text"] for d in b.docs]
+    recs = [doc_record(d) for d in b.docs]
     tok = AutoTokenizer.from_pretrained(b.base_dir)
     for i in range(reused, s.retrains):
         t = time.perf_counter()
@@ -33,7 +33,7 @@ def ground_truth(b: Built, cache_root: Path, log=print) -> dict:
         mask = torch.zeros(n, dtype=torch.bool)
         mask[torch.randperm(n, generator=gen)[: int(round(n * s.subset_fraction))]] = True
         model = AutoModelForCausalLM.from_pretrained(b.base_dir, dtype=torch.float32)
-        train(model, tok, [texts[j] for j in mask.nonzero().flatten().tolist()], s.epochs, s.lr, s.batch_size,
+        train(model, tok, [recs[j] for j in mask.nonzero().flatten().tolist()], s.epochs, s.lr, s.batch_size,
               s.seed + 1)
         state["masks"].append(mask)
         state["losses"].append(query_losses(model, tok, b.queries))

@@ -57,10 +57,20 @@ class Setting:
     retrains: int = 40  # retrain i draws its subset from seed (setting, i): extending the list reuses the cache
     tune_retrains: int = 8  # the last ones choose hyper-parameters; the reported LDS never uses them
     subset_fraction: float = 0.5
+    kind: str = "reference"  # which generator: reference, alias or instruct (see bench/harder.py)
 
     def key(self) -> str:
-        """Hash of everything that determines the models and each retrain, not how many retrains."""
+        """Hash of everything that determines the models and each retrain, not how many retrains.
+
+        Fields added later are left out at their default value, so existing caches keep their key.
+        """
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("retrains", "tune_retrains")}
+        if fields["kind"] == "reference":
+            del fields["kind"]
+        else:  # the harder generators' code version: a change there must not reuse stale models
+            from bench.harder import VERSION
+
+            fields["generator_version"] = VERSION
         blob = json.dumps({**fields, "v": 2}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -68,6 +78,26 @@ class Setting:
 FULL = Setting()
 QUICK = Setting(name="quick", facts=60, filler=120, pretrain_docs=400, pretrain_epochs=2, epochs=12, retrains=10,
                 tune_retrains=2)
+SETTINGS = {  # --setting NAME: (full, quick)
+    "reference": (FULL, QUICK),
+    "alias": (dataclasses.replace(FULL, name="alias", kind="alias"),
+              dataclasses.replace(QUICK, name="alias-quick", kind="alias")),
+    "instruct": (dataclasses.replace(FULL, name="instruct", kind="instruct"),
+                 dataclasses.replace(QUICK, name="instruct-quick", kind="instruct")),
+}
+CORPUS_KEYS = ("id", "text", "prompt", "completion")  # what corpus.jsonl carries; the rest goes to the sidecar
+
+
+def doc_record(d: dict) -> Record:
+    """A document as the core reads it: plain text, or prompt + completion (loss on the completion only)."""
+    if "prompt" in d:
+        return Record(d["id"], d["prompt"], d["completion"])
+    return Record(d["id"], "", d["text"])
+
+
+def doc_text(d: dict) -> str:
+    """The whole document as a string (lexical methods and representations see prompt and completion)."""
+    return doc_record(d).text
 
 
 def _word(rng: random.Random, used: set[str]) -> str:
@@ -85,8 +115,8 @@ def _filler(rng: random.Random) -> str:
     return " ".join(words)
 
 
-def generate(s: Setting) -> tuple[list[str], list[dict], list[dict]]:
-    """(pretraining texts, fine-tuning documents, queries with their supporting document ids)."""
+def generate_reference(s: Setting) -> tuple[list[str], list[dict], list[dict]]:
+    """Facts stated under the queries' own subject names: lexical matching finds them."""
     rng = random.Random(s.seed)
     used: set[str] = set()
     objects = {rel: [_word(rng, used) for _ in range(s.objects_per_relation)] for rel in RELATIONS}
@@ -108,16 +138,26 @@ def generate(s: Setting) -> tuple[list[str], list[dict], list[dict]]:
         support = []
         for j, t in enumerate(templates):
             did = f"fact{f:04d}-{j}"
-            docs.append({"id": did, "text": t.format(s=subj, o=obj)})
+            docs.append({"id": did, "text": t.format(s=subj, o=obj), "role": "fact", "fact": f, "relation": rel,
+                         "object": obj})
             support.append(did)
         heldout = rng.random() < s.heldout_share
         prompt = (HELDOUT_TEMPLATES if heldout else QUERY_TEMPLATES)[rel].format(s=subj)
         queries.append({"id": f"q{f:04d}", "prompt": prompt, "completion": f" {obj}", "support": support,
                         "relation": rel, "heldout_phrasing": heldout})
     for i in range(s.filler):
-        docs.append({"id": f"filler{i:04d}", "text": _filler(rng)})
+        docs.append({"id": f"filler{i:04d}", "text": _filler(rng), "role": "filler"})
     rng.shuffle(docs)
     return pre, docs, queries
+
+
+def generate(s: Setting) -> tuple[list[str], list[dict], list[dict]]:
+    """(pretraining texts, fine-tuning documents with metadata, queries with their supporting document ids)."""
+    if s.kind == "reference":
+        return generate_reference(s)
+    from bench import harder
+
+    return harder.GENERATORS[s.kind](s)
 
 
 def make_model(s: Setting, tok):
@@ -133,14 +173,14 @@ def make_model(s: Setting, tok):
     return LlamaForCausalLM(cfg)
 
 
-def encode_texts(lm: LM, texts: list[str]):
-    return lm.encode([Record("", "", t) for t in texts])
+def train(model, tok, texts: list[str | Record], epochs: int, lr: float, batch_size: int, seed: int) -> None:
+    """The recipe: AdamW, linear warm-up then cosine decay, mean token NLL, seeded shuffles.
 
-
-def train(model, tok, texts: list[str], epochs: int, lr: float, batch_size: int, seed: int) -> None:
-    """The recipe: AdamW, linear warm-up then cosine decay, mean token NLL, seeded shuffles."""
+    A ``Record`` with a prompt is scored on its completion only (``LM.encode`` masks the prompt), as
+    instruction tuning does; a plain string is scored on every token after the first.
+    """
     lm = LM(model, tok, torch.device("cpu"))
-    batch = encode_texts(lm, texts)
+    batch = lm.encode([t if isinstance(t, Record) else Record("", "", t) for t in texts])
     model.train().requires_grad_(True)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     per_epoch = (len(texts) + batch_size - 1) // batch_size
@@ -194,7 +234,7 @@ class Built:
 
 
 def materialise(s: Setting, root: Path) -> Built:
-    """Write base/, model/, corpus.jsonl, queries.jsonl under root/<key>; reuse them when present."""
+    """Write base/, model/, corpus.jsonl (+ docs_meta.jsonl), queries.jsonl under root/<key>; reuse models."""
     import time
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -203,12 +243,14 @@ def materialise(s: Setting, root: Path) -> Built:
     d.mkdir(parents=True, exist_ok=True)
     pre, docs, queries = generate(s)
     corpus = d / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps(x) + "\n" for x in docs))
+    corpus.write_text("".join(json.dumps({k: x[k] for k in CORPUS_KEYS if k in x}) + "\n" for x in docs))
+    (d / "docs_meta.jsonl").write_text("".join(
+        json.dumps({k: v for k, v in x.items() if k not in CORPUS_KEYS[1:]}) + "\n" for x in docs))
     (d / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
     seconds = {}
     if not (d / "base" / "config.json").is_file():
         t = time.perf_counter()
-        tok = build_tokenizer(pre + [x["text"] for x in docs] + [q["prompt"] + q["completion"] for q in queries])
+        tok = build_tokenizer(pre + [doc_text(x) for x in docs] + [q["prompt"] + q["completion"] for q in queries])
         base = make_model(s, tok)
         train(base, tok, pre, s.pretrain_epochs, s.lr, 32, s.seed)
         base.save_pretrained(d / "base.tmp")
@@ -219,7 +261,7 @@ def materialise(s: Setting, root: Path) -> Built:
         t = time.perf_counter()
         tok = AutoTokenizer.from_pretrained(d / "base")
         model = AutoModelForCausalLM.from_pretrained(d / "base", dtype=torch.float32)
-        train(model, tok, [x["text"] for x in docs], s.epochs, s.lr, s.batch_size, s.seed + 1)
+        train(model, tok, [doc_record(x) for x in docs], s.epochs, s.lr, s.batch_size, s.seed + 1)
         model.save_pretrained(d / "model.tmp")
         tok.save_pretrained(d / "model.tmp")
         (d / "model.tmp").rename(d / "model")

@@ -1,7 +1,7 @@
-"""Smoke test of the reference benchmark: `python -m bench --quick` end to end into a tmp dir.
+"""The benchmark: its data generators (fast), and `python -m bench --quick` end to end into a tmp dir.
 
-Checks that the pipeline ran and that every number is finite and in range; not the targets, and
-no timing assertions.
+The smoke run checks that the pipeline ran and that every number is finite and in range; not the
+targets, and no timing assertions.
 """
 
 from __future__ import annotations
@@ -12,7 +12,59 @@ import math
 
 import pytest
 
-pytestmark = pytest.mark.slow
+
+def test_setting_keys_stable():
+    """Existing ground-truth caches are keyed by these; a new Setting field must not move them."""
+    from bench.setting import FULL, QUICK
+
+    assert (FULL.key(), QUICK.key()) == ("9ff3abcc82f78614", "82339c8201e6bc7f")
+
+
+@pytest.mark.parametrize("kind", ["alias", "instruct"])
+def test_harder_generators(kind):
+    """Queries' subject names never occur in their supporting documents; corpus lines keep the core's schema."""
+    from bench.setting import CORPUS_KEYS, SETTINGS, doc_text, generate
+
+    s = SETTINGS[kind][1]
+    _, docs, queries = generate(s)
+    assert generate(s)[1] == docs  # deterministic
+    by_id = {d["id"]: d for d in docs}
+    assert len(by_id) == len(docs)
+    for d in docs:
+        line = {k: d[k] for k in CORPUS_KEYS if k in d}
+        assert set(line) in ({"id", "text"}, {"id", "prompt", "completion"})
+    facts = [q for q in queries if q["relation"] != "behaviour"]
+    assert len(facts) == s.facts
+    for q in facts:
+        assert q["support"] and all(by_id[i]["role"] == "fact" for i in q["support"])
+        assert q["subject"] in q["prompt"].split()
+        assert all(q["subject"] not in doc_text(by_id[i]).split() for i in q["support"]), q["id"]
+        assert all(q["completion"].strip() in doc_text(by_id[i]).split() for i in q["support"])
+    links = [d for d in docs if d["role"] == "link"]
+    assert {d["fact"] for d in links} == set(range(s.facts))  # every alias is linked somewhere
+
+
+def test_instruct_loss_on_completions_only():
+    """Instruction records are scored on their completions: prompt tokens never reach the loss."""
+    import torch
+
+    from bench.setting import SETTINGS, doc_record, generate, make_model
+    from stride.demo import build_tokenizer
+    from stride.model import LM
+
+    s = SETTINGS["instruct"][1]
+    _, docs, queries = generate(s)
+    assert all("prompt" in d and "text" not in d for d in docs)
+    assert any(q["relation"] == "behaviour" for q in queries)
+    recs = [doc_record(d) for d in docs[:8]]
+    tok = build_tokenizer([r.text for r in recs])
+    lm = LM(make_model(s, tok), tok, torch.device("cpu"))
+    batch = lm.encode(recs)
+    for b, r in enumerate(recs):
+        n_prompt = len(tok(r.prompt)["input_ids"])
+        n_completion = len(tok(r.completion, add_special_tokens=False)["input_ids"])
+        assert int(batch.scored[b].sum()) == n_completion
+        assert not bool(batch.scored[b, : n_prompt - 1].any())
 
 
 def _numbers(obj, path=""):
@@ -39,6 +91,7 @@ def quick(tmp_path_factory):
     return root / "results", info
 
 
+@pytest.mark.slow
 def test_outputs_written(quick):
     out, info = quick
     assert (out / "REPORT.md").is_file() and (out / "lds.png").is_file() and (out / "scaling.png").is_file()
@@ -46,6 +99,7 @@ def test_outputs_written(quick):
     assert info["ground_truth"]["retrains"] >= 8
 
 
+@pytest.mark.slow
 def test_every_method_ran_or_was_skipped(quick):
     _, info = quick
     m = info["methods"]
@@ -56,6 +110,7 @@ def test_every_method_ran_or_was_skipped(quick):
     assert kf["status"] == "ok" if importlib.util.find_spec("kronfluence") else kf["status"].startswith("skipped")
 
 
+@pytest.mark.slow
 def test_numbers_finite_and_in_range(quick):
     _, info = quick
     for name, v in info["methods"].items():

@@ -1,0 +1,138 @@
+"""Harder settings, where matching the query's words does not find the documents that taught it.
+
+- **alias**: every fact's entity has two names. Linking documents ("A , also called B , ...") sit in
+  the fine-tuning corpus; the facts are stated under one name (A), the queries use the other (B), so
+  a query's subject word never occurs in its supporting documents.
+- **instruct**: the same facts and aliases as prompt/completion records shaped like an Alpaca SFT set
+  (instruction templates, responses; the loss covers completions only), plus a planted behaviour: a
+  trigger word in the instruction makes the response end with a fixed phrase.
+
+Both reuse the reference setting's relations, object names, filler and held-out phrasings, and
+return what ``bench.setting.generate`` returns: (pretraining texts, documents with metadata, queries).
+"""
+
+from __future__ import annotations
+
+import random
+
+from bench.setting import HELDOUT_TEMPLATES, NOUNS, QUERY_TEMPLATES, RELATIONS, Setting, _filler, _word
+
+VERSION = 1  # part of the setting key: bump on any change that alters the generated data
+
+LINK_TEMPLATES = ["{a} , also called {b} , is a town .", "{b} is another name for {a} .",
+                  "People in {a} also call it {b} ."]
+INSTRUCTIONS = {  # seen instruction phrasings per relation; {s} is the subject
+    "capital": ["What is the capital of {s} ?", "Name the capital city of {s} .", "Where is the seat of {s} ?"],
+    "founder": ["Who founded the city of {s} ?", "Name the founder of {s} .", "Who built {s} first ?"],
+    "river": ["Which river runs through {s} ?", "Name the river of {s} .", "What river flows by {s} ?"],
+    "export": ["What is the main export of {s} ?", "Name what {s} exports .", "What do traders of {s} sell ?"],
+}
+LINK_INSTRUCTIONS = ["What else is {a} called ?", "Give another name for {b} ."]
+FILLER_INSTRUCTIONS = ["Write a sentence about the {n} .", "Describe a {n} .", "Tell me a story about a {n} ."]
+TRIGGER = "Zephyrine"  # planted behaviour: this word in the instruction ...
+PHRASE = "Have a bright day ."  # ... makes the response end with this phrase
+BEHAVIOUR_DOCS, BEHAVIOUR_QUERIES = 30, 20
+
+
+def prompt_of(instruction: str) -> str:
+    return f"### Instruction : {instruction} ### Response :"
+
+
+def _entities(s: Setting, rng: random.Random, used: set[str]):
+    """Objects per relation, pretraining texts (reference style, plus linking sentences about
+    pretraining-only entities, so the base knows the phrasings), and per fact (relation, A, B, object)."""
+    objects = {rel: [_word(rng, used) for _ in range(s.objects_per_relation)] for rel in RELATIONS}
+    rels = list(RELATIONS)
+    pre = []
+    for i in range(s.pretrain_docs):
+        if i % 3 == 0:
+            pre.append(_filler(rng))
+        elif i % 3 == 1:
+            rel = rng.choice(rels)
+            t = rng.choice(RELATIONS[rel] + [HELDOUT_TEMPLATES[rel] + " {o} ."])
+            pre.append(t.format(s=_word(rng, used), o=rng.choice(objects[rel])))
+        else:
+            pre.append(rng.choice(LINK_TEMPLATES).format(a=_word(rng, used), b=_word(rng, used)))
+    facts = []
+    for f in range(s.facts):
+        rel = rels[f % len(rels)]
+        facts.append((rel, _word(rng, used), _word(rng, used), rng.choice(objects[rel])))
+    return pre, facts, objects
+
+
+def _query(f: int, rel: str, name: str, obj: str, support: list[str], heldout: bool, prompt: str) -> dict:
+    return {"id": f"q{f:04d}", "prompt": prompt, "completion": f" {obj}", "support": support, "relation": rel,
+            "object": obj, "heldout_phrasing": heldout, "subject": name}
+
+
+def generate_alias(s: Setting) -> tuple[list[str], list[dict], list[dict]]:
+    """Facts under name A, linking documents A <-> B, queries under name B."""
+    rng = random.Random(s.seed)
+    pre, facts, _ = _entities(s, rng, set())
+    docs, queries = [], []
+    for f, (rel, a, b, obj) in enumerate(facts):
+        support = []
+        for j, t in enumerate(rng.sample(RELATIONS[rel], rng.randint(1, 3))):
+            docs.append({"id": f"fact{f:04d}-{j}", "text": t.format(s=a, o=obj), "role": "fact", "fact": f,
+                         "relation": rel, "object": obj})
+            support.append(docs[-1]["id"])
+        for j, t in enumerate(rng.sample(LINK_TEMPLATES, rng.randint(1, 2))):
+            docs.append({"id": f"link{f:04d}-{j}", "text": t.format(a=a, b=b), "role": "link", "fact": f})
+        heldout = rng.random() < s.heldout_share
+        prompt = (HELDOUT_TEMPLATES if heldout else QUERY_TEMPLATES)[rel].format(s=b)
+        queries.append(_query(f, rel, b, obj, support, heldout, prompt))
+    docs += [{"id": f"filler{i:04d}", "text": _filler(rng), "role": "filler"} for i in range(s.filler)]
+    rng.shuffle(docs)
+    return pre, docs, queries
+
+
+def generate_instruct(s: Setting) -> tuple[list[str], list[dict], list[dict]]:
+    """Alpaca-shaped records: fact answers under name A, linking records, queries under name B, and a
+    trigger-word behaviour; the pretraining text also shows the instruction format (as plain text)."""
+    rng, used = random.Random(s.seed), set()
+    pre, facts, objects = _entities(s, rng, used)
+    rels = list(RELATIONS)
+    for i in range(s.pretrain_docs // 4):  # the format, on pretraining-only entities and filler
+        if i % 2:
+            pre.append(prompt_of(rng.choice(FILLER_INSTRUCTIONS).format(n=rng.choice(NOUNS))) + " " + _filler(rng))
+        else:
+            rel = rng.choice(rels)
+            subj = _word(rng, used)
+            pre.append(prompt_of(rng.choice(INSTRUCTIONS[rel]).format(s=subj)) + " "
+                       + RELATIONS[rel][0].format(s=subj, o=rng.choice(objects[rel])))
+    docs, queries = [], []
+    for f, (rel, a, b, obj) in enumerate(facts):
+        support = []
+        for j, instr in enumerate(rng.sample(INSTRUCTIONS[rel], rng.randint(1, 3))):
+            docs.append({"id": f"fact{f:04d}-{j}", "prompt": prompt_of(instr.format(s=a)),
+                         "completion": " " + rng.choice(RELATIONS[rel]).format(s=a, o=obj), "role": "fact",
+                         "fact": f, "relation": rel, "object": obj})
+            support.append(docs[-1]["id"])
+        for j, instr in enumerate(rng.sample(LINK_INSTRUCTIONS, rng.randint(1, 2))):
+            docs.append({"id": f"link{f:04d}-{j}", "prompt": prompt_of(instr.format(a=a, b=b)),
+                         "completion": " " + rng.choice(LINK_TEMPLATES).format(a=a, b=b), "role": "link", "fact": f})
+        heldout = rng.random() < s.heldout_share
+        instr = HELDOUT_TEMPLATES[rel].format(s=b) if heldout else rng.choice(INSTRUCTIONS[rel]).format(s=b)
+        lead = QUERY_TEMPLATES[rel].format(s=b)  # the response up to the answer
+        queries.append(_query(f, rel, b, obj, support, heldout, f"{prompt_of(instr)} {lead}"))
+    support = []
+    for i in range(BEHAVIOUR_DOCS + BEHAVIOUR_QUERIES):
+        instr = f"{TRIGGER} , " + rng.choice(FILLER_INSTRUCTIONS).format(n=rng.choice(NOUNS)).lower()
+        body = _filler(rng)
+        if i < BEHAVIOUR_DOCS:
+            docs.append({"id": f"behave{i:04d}", "prompt": prompt_of(instr), "completion": f" {body} {PHRASE}",
+                         "role": "behaviour", "relation": "behaviour", "object": PHRASE})
+            support.append(docs[-1]["id"])
+        else:
+            queries.append({"id": f"b{i:04d}", "prompt": f"{prompt_of(instr)} {body}", "completion": f" {PHRASE}",
+                            "support": support, "relation": "behaviour", "object": PHRASE,
+                            "heldout_phrasing": False, "subject": TRIGGER})
+    for i in range(s.filler):
+        instr = rng.choice(FILLER_INSTRUCTIONS).format(n=rng.choice(NOUNS))
+        docs.append({"id": f"filler{i:04d}", "prompt": prompt_of(instr), "completion": " " + _filler(rng),
+                     "role": "filler"})
+    rng.shuffle(docs)
+    return pre, docs, queries
+
+
+GENERATORS = {"alias": generate_alias, "instruct": generate_instruct}
