@@ -8,6 +8,7 @@ Kronfluence through its published Task/Analyzer API.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import shutil
@@ -21,8 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from bench.measure import PeakRSS, dir_bytes, percentiles, time_calls
+from bench.setting import doc_record, doc_text
 from stride.config import BuildConfig, Query
-from stride.corpus import Record
+from stride.corpus import Record, file_sha256
 from stride.measure import loss_drops
 from stride.model import LM
 from stride.recovery import solve
@@ -39,6 +41,7 @@ class Result:
     peak_mb: float | None = None
     status: str = "ok"
     extra: dict = field(default_factory=dict)
+    group: str | None = None  # rows of one method over several design seeds share a group (the table's row)
 
     def summary(self) -> dict:
         pre = None if math.isnan(self.precompute_s) else self.precompute_s
@@ -52,9 +55,25 @@ def records(queries: list[dict]) -> list[Record]:
 
 # ---------------------------------------------------------------- STRIDE
 
+MODE_ROWS = {  # fit mode -> row name; the first is the default when a reference exists
+    "revert": "STRIDE revert (reference = base)",
+    "add": "STRIDE add (reference = base)",
+    "forget": "STRIDE forget (no reference)",
+    "fidelity": "STRIDE fidelity (no reference)",
+    "finetune": "STRIDE finetune",
+}
+DEFAULT_MODE = "revert"
+
+
+def dense_w(sol) -> torch.Tensor:
+    """(n, Q) scores from a ``stride.recovery.Solution``, whichever of its two interfaces is installed."""
+    return sol.dense() if hasattr(sol, "dense") else sol.w
+
 
 def stride_scores(attr, queries: list[dict], chunk: int = 32) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Full score vectors w (Q, n) via the core's pieces, plus the no-solve scores M_c^T y_c."""
+    if hasattr(attr, "score_matrix"):  # the core's own full-matrix path, when it has one
+        return attr.score_matrix([Query(q["prompt"], q["completion"]) for q in queries])
     ws, raw, conv, nnz, iters = [], [], [], [], []
     with torch.no_grad():
         for s in range(0, len(queries), chunk):
@@ -63,29 +82,63 @@ def stride_scores(attr, queries: list[dict], chunk: int = 32) -> tuple[torch.Ten
             _, Y = loss_drops(attr.lm, attr.ops, h, z, batch.targets.to(h.device), attr.solver.first_order)
             Y = Y * attr.store.config.measurement_sign  # leave-out modes measure L_k - L: same sign convention
             sol = solve(attr.design, Y, attr.solver.lam_ratio, attr.solver.max_iter, attr.solver.tol)
-            ws.append(sol.w.T.cpu())
-            raw.append(attr.design.rmatvec(Y - Y.mean(0)).T.cpu())
+            w = dense_w(sol)
+            ws.append(w.T.float().cpu())
+            raw.append(attr.design.rmatvec(Y - Y.mean(0)).T.float().cpu())
             conv.append(sol.converged.float().cpu())
-            nnz.append((sol.w != 0).sum(0).float().cpu())
+            nnz.append((w != 0).sum(0).float().cpu())
             iters.append(sol.iterations)
     diag = {"converged_share": float(torch.cat(conv).mean()), "mean_nonzeros": float(torch.cat(nnz).mean()),
             "max_iterations": int(max(iters))}
     return torch.cat(ws), torch.cat(raw), diag
 
 
-def run_stride(fit: str, model_dir: Path, corpus: Path, work: Path, queries: list[dict],
-               timed: list[dict], build_overrides: dict | None = None) -> tuple[Result, Result]:
-    from stride.query import Attributor
+def reference_supported() -> bool:
+    """Whether the installed worker builds against a reference checkpoint (revert/add/forget modes)."""
     from worker.build import build
 
-    out = work / f"store-{fit}"
+    return "reference_model" in inspect.signature(build).parameters
+
+
+def build_or_reuse(mode: str, seed: int, built, work: Path, overrides: dict | None,
+                   rebuild: bool) -> tuple[Path, float, bool]:
+    """Build the store of (mode, seed), or reuse one whose manifest says it was built the same way.
+
+    Returns (store, build seconds, reused). A reused store's seconds come from its manifest.
+    """
+    from stride.store import StoreError, read_manifest
+    from worker.build import build
+
+    out = work / f"store-{mode}-s{seed}"
+    cfg = BuildConfig(fit=mode, seed=seed, **(overrides or {}))
+    if not rebuild and (out / "manifest.json").is_file():
+        try:
+            man = read_manifest(out)
+        except StoreError:
+            man = None
+        wanted = {k: v for k, v in cfg.to_dict().items() if v is not None}
+        if man and all(man["config"].get(k) == v for k, v in wanted.items()) \
+                and man.get("corpus", {}).get("sha256") == file_sha256(built.corpus):
+            return out, float(man.get("build", {}).get("seconds", float("nan"))), True
     shutil.rmtree(out, ignore_errors=True)
-    cfg = BuildConfig(fit=fit, **(build_overrides or {}))
-    name = f"STRIDE {fit}"
+    # only revert and add see the base; forget and fidelity are the no-reference modes
+    ref = {"reference_model": built.base_dir} if mode in ("revert", "add") else {}
+    t = time.perf_counter()
+    build(built.model_dir, built.corpus, out, cfg, show_progress=False, **ref)
+    return out, time.perf_counter() - t, False
+
+
+def run_stride(mode: str, seed: int, built, work: Path, queries: list[dict], timed: list[dict],
+               build_overrides: dict | None = None, ablation: bool = False, rebuild: bool = False) -> list[Result]:
+    """One STRIDE row for one design seed (plus the M^T y ablation when asked), built through the core."""
+    from stride.query import Attributor
+
+    name = MODE_ROWS[mode]
+    if mode in ("revert", "add", "forget") and not reference_supported():
+        return [Result(name, status="not run: the installed worker.build has no reference_model / fit modes yet",
+                       group=name)]
     with PeakRSS() as mem:
-        t = time.perf_counter()
-        build(model_dir, corpus, out, cfg, show_progress=False)
-        pre = time.perf_counter() - t
+        out, pre, reused = build_or_reuse(mode, seed, built, work, build_overrides, rebuild)
         attr = Attributor.from_store(out)
         w, raw, diag = stride_scores(attr, queries)
         lat = time_calls(lambda q: attr.attribute_batch([Query(q["prompt"], q["completion"])], 10, False), timed)
@@ -94,15 +147,17 @@ def run_stride(fit: str, model_dir: Path, corpus: Path, work: Path, queries: lis
         a = attr.attribute_batch([Query(q["prompt"], q["completion"])], 10, False)[0]
         for k in parts:
             parts[k].append(a.timing_ms[k])
-    resolved = attr.store.config
-    extra = {**diag, "config": resolved.to_dict(),
+    extra = {**diag, "seed": seed, "config": attr.store.config.to_dict(), "store": str(out), "store_reused": reused,
              "latency_parts_p50_ms": {k: float(np.median(v)) for k, v in parts.items()},
              "store_bytes_total": dir_bytes(out)}
     main = Result(name, w, pre, dir_bytes(out, exclude=("corpus.jsonl",)),
-                  "store directory without its copy of the corpus text", lat, mem.delta_mb, extra=extra)
-    ablation = Result(f"{name}: M^T y, no sparse solve (ablation)", raw, pre, main.state_bytes, main.state_note,
-                      status="ablation")
-    return main, ablation
+                  "store directory without its copy of the corpus text", lat, None if reused else mem.delta_mb,
+                  extra=extra, group=name)
+    if not ablation:
+        return [main]
+    abl = f"{name}: M^T y, no sparse solve (ablation)"
+    return [main, Result(abl, raw, pre, main.state_bytes, main.state_note, status="ablation", extra={"seed": seed},
+                         group=abl)]
 
 
 # ---------------------------------------------------------------- gradients
@@ -143,7 +198,7 @@ def run_gradient_methods(model, tok, docs: list[dict], queries: list[dict], time
                          proj_dim: int, seed: int) -> list[Result]:
     """Gradient dot product, gradient cosine (TracIn at the final checkpoint), TRAK-style projection."""
     g = Grads(model, tok)
-    train_recs = [Record(d["id"], "", d["text"]) for d in docs]
+    train_recs = [doc_record(d) for d in docs]
     with PeakRSS() as mem:
         t = time.perf_counter()
         G = g.many(train_recs)  # (n, P)
@@ -204,7 +259,7 @@ def run_repsim(model, tok, docs: list[dict], queries: list[dict], timed: list[di
 
     with PeakRSS() as mem:
         t = time.perf_counter()
-        E = embed([Record(d["id"], "", d["text"]) for d in docs])
+        E = embed([Record(d["id"], "", doc_text(d)) for d in docs])
         pre = time.perf_counter() - t
         S = embed([Record(q["id"], "", q["prompt"] + q["completion"]) for q in queries]) @ E.T
         lat = time_calls(lambda q: embed([Record("q", "", q["prompt"] + q["completion"])]) @ E.T, timed)
@@ -219,7 +274,7 @@ def _words(text: str) -> list[str]:
 def run_bm25(docs: list[dict], queries: list[dict], timed: list[dict], k1: float = 1.5, b: float = 0.75) -> Result:
     with PeakRSS() as mem:
         t = time.perf_counter()
-        toks = [Counter(_words(d["text"])) for d in docs]
+        toks = [Counter(_words(doc_text(d))) for d in docs]
         lens = np.array([sum(c.values()) for c in toks], dtype=np.float64)
         avg = lens.mean()
         df = Counter(w for c in toks for w in c)
@@ -303,7 +358,7 @@ def run_kronfluence(model_dir: Path, docs: list[dict], queries: list[dict], time
         def get_attention_mask(self, batch):
             return batch["attention_mask"]
 
-    train_ds = dataset([Record(d["id"], "", d["text"]) for d in docs])
+    train_ds = dataset([doc_record(d) for d in docs])
     query_ds = dataset(records(queries))
     out = work / "kronfluence"
     shutil.rmtree(out, ignore_errors=True)
@@ -333,3 +388,26 @@ def run_kronfluence(model_dir: Path, docs: list[dict], queries: list[dict], time
     return Result(name, S, pre, state, "EK-FAC factors directory (eigenbases + eigenvalue corrections)", lat,
                   mem.delta_mb, extra={"latency_note": "one query against all n, train gradients recomputed "
                                                        "(Kronfluence's pairwise-score API)"})
+
+
+# ---------------------------------------------------------------- reference rows (not methods)
+
+
+def reference_rows(docs: list[dict], queries: list[dict], support: list[list[int]], bm25: torch.Tensor | None,
+                   keep: float = 0.7) -> list[Result]:
+    """What a reader needs to tell lexical from causal: the planted support, the documents sharing the
+    query's relation and answer, and BM25 cut at ``keep`` x the query's best score."""
+    Q, n = len(queries), len(docs)
+    oracle = torch.zeros(Q, n)
+    for q, sup in enumerate(support):
+        oracle[q, sup] = 1.0
+    pairs = [(d.get("relation"), d.get("object")) for d in docs]
+    same = torch.tensor([[float(p == (q["relation"], q.get("object", q["completion"].strip())) and p[0] is not None)
+                          for p in pairs] for q in queries])
+    rows = [Result("Reference: planted-support indicator (oracle, not a method)", oracle, status="reference"),
+            Result("Reference: same relation and answer indicator", same, status="reference")]
+    if bm25 is not None:
+        cut = bm25 * (bm25 >= keep * bm25.amax(1, keepdim=True)) * (bm25 > 0)
+        rows.append(Result(f"Reference: BM25 thresholded at {keep} x the query's max (lexical)", cut,
+                           status="reference"))
+    return rows

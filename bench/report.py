@@ -39,7 +39,9 @@ def plots(info: dict, out: Path) -> list[str]:
         ax.invert_yaxis()
         ax.axvline(0, color="k", lw=0.5)
         ax.set_xlabel("LDS (Spearman), mean ± std over queries")
-        ax.set_title(f"LDS, {info['ground_truth']['retrains']} retrains on random 50% subsets")
+        a, b = info["ground_truth"]["report_retrains"]
+        name = info.get("setting_name", "reference")
+        ax.set_title(f"{name} setting: LDS over retrains {a}..{b} (random 50% subsets)")
         fig.tight_layout()
         fig.savefig(out / "lds.png", dpi=110)
         plt.close(fig)
@@ -84,54 +86,101 @@ NOTES = """## Notes
   n training gradients each time (the API has no stored-gradient index).
 - **TRAK (`traker`)** was not run. Its PyPI package installs beside torch without pulling another one,
   but scoring a causal LM needs a custom `AbstractModelOutput` for sequence losses and its CPU path
-  uses the slow `BasicProjector` (the fast projector is CUDA-only); within this benchmark's time box
-  the TRAK-style row (the same estimator: a Gaussian random projection of per-example gradients, then
+  uses the slow `BasicProjector` (the fast projector is CUDA-only); the TRAK-style row (the same
+  estimator: a Gaussian random projection of per-example gradients, then
   `phi_q (Phi^T Phi + ridge I)^-1 Phi^T`, one checkpoint, no ensemble) stands in for it.
 - **Gradient dot product / cosine** use the per-example gradients of every `nn.Linear` weight (the
-  modules Kronfluence tracks), mean token NLL, at the final checkpoint (TracIn with one checkpoint).
-- **The reference row** scores 1 on each fact's planted supporting documents and 0 elsewhere: what
-  LDS gives an attribution that knows exactly which documents state the fact and nothing else.
-- **Ablation rows** score with `M^T y` (centred), skipping the sparse solve; they share the STRIDE
-  store and are not separate methods.
-- **What was tuned, and how** (only through `stride build` options, one build each, on this setting
-  and on the demo of `make demo`): rank 16 -> 64 and K = n/2 -> n (demo recall@5 0.41 -> 0.89); Lasso
-  lambda 0.05 -> 0.2 lambda_max (flat from 0.1 to 0.5 on the demo); stability weight 1 -> 10 after a
-  4000-step screen on this setting (LDS 0.065 at 1, 0.112 at 5, 0.129 at 10, 0.151 at 20, 0.130 at
-  50; recall@5 0.24, 0.32, 0.30, 0.30, 0.23), which costs the demo little (recall@5 0.885 at 1,
-  0.867 at 10, 0.844 at 20).
-  Tried and not kept: drawing some of the stability outsiders as the nearest examples in mean layer
-  activation (same template, usually the same answer): at weight 10 and 4000 steps, LDS 0.129 with
-  none, 0.126 with 2 of 4, 0.086 with 4 of 4 (recall@5 0.30, 0.32, 0.29).
-- **Why STRIDE's recall stays low here** (a likely reason, not isolated by an experiment): each
-  object name answers about six facts (48 objects for 300 facts), so an operator that raises
-  "Ulquanek" after any "The capital of ... is" lowers the loss of every query with that answer; the
-  stability term on random non-members rarely sees those contexts. The demo's objects are mostly
-  unique and its recall@5 is 0.84-0.89. BM25 matches the subject word itself.
-- **Why the latency and store targets are missed at this model size**: the projected-gradient query is
-  one backward pass of a 266K-parameter model plus a dot product, about 14 ms here; STRIDE's forward
-  pass and K = 1000 measurements alone take about 8 ms, and its Lasso over n grows with n. The store
-  holds K x r x d_model float32 operators (1000 x 64 x 64: 15.6 MiB) whatever n is, so below n ~ 10^5
-  it is not smaller than n projected vectors. The article's ratios (0.42 s vs 5.5 s per query, 150 MB
-  vs > 2 GB) are for billion-parameter models, where the query gradient and P-dimensional projection
-  dominate; that regime is not measured here.
+  modules Kronfluence tracks), mean token NLL (completion tokens only for prompt/completion records), at
+  the final checkpoint (TracIn with one checkpoint).
+- **STRIDE rows** are built by `worker.build.build` with `BuildConfig(fit=MODE, seed=SEED)` and the
+  core's defaults otherwise (`--quick` lowers `steps`); `revert` and `add` get the base model as
+  `reference_model`, `forget` and `fidelity` see only the deployed model. A row over several design
+  seeds shows the mean and the sample standard deviation over seeds; `results.json` has every seed's
+  numbers (`per_seed`). Scores are the Lasso solution from the core's measurements times the mode's
+  `measurement_sign`. A store whose manifest shows the same settings and corpus is reused (its build
+  time is the one recorded in its manifest); `--rebuild` forces new builds.
+- **Reference rows are not methods**: *planted support* scores 1 on a query's planted supporting
+  documents; *same relation and answer* scores 1 on every document stating a fact with the query's
+  relation and answer (object), whatever its subject; *thresholded BM25* keeps BM25 scores at least 0.7
+  of the query's best; the *exact subset counterfactuals* feed STRIDE's design and solver the true
+  effect of each subset (the base fine-tuned on subset k alone), so the gap between them and a STRIDE
+  row is what the operators lose. Ablation rows score with `M^T y` (centred), skipping the sparse solve.
 - **Timings** come from a shared 2-core machine whose load average is printed above; compare rows of
-  the same run rather than absolute values. torch runs with one thread (`--threads`): on this loaded
-  2-core machine two threads oversubscribe the cores and made training steps many times slower.
+  the same run rather than absolute values. torch runs with one thread (`--threads`).
 """
+
+SETTING_TEXT = {
+    "reference": "Facts are stated under the same subject names the queries use, so matching the subject word "
+                 "finds the supporting documents (the lexical setting).",
+    "alias": "Every fact's entity has two names: linking documents (\"A , also called B , ...\") are in the "
+             "fine-tuning corpus, the fact documents use one name and the queries the other, so a query's subject "
+             "word never occurs in its supporting documents.",
+    "instruct": "Prompt/completion records shaped like an Alpaca SFT set (instruction, response; the loss covers "
+                "completions only, in fine-tuning and in every retrain). Facts are answered under one entity name "
+                "and queried under its alias (linking records give both); a planted behaviour: the word "
+                "`Zephyrine` in an instruction makes the response end with \"Have a bright day .\" (behaviour "
+                "queries: new instructions with the trigger, scored on the phrase).",
+}
+GRADIENT_PROJECTION = ("Gradient dot product (TracIn, final ckpt)", "Gradient cosine",
+                       "TRAK-style projected gradients (k=512)")
+REPRESENTATION = GRADIENT_PROJECTION + ("Representation similarity (final hidden, cosine)",)
+
+
+def _cell(v: dict, key: str, fmt: str = ".3f") -> str:
+    """A value, with its spread over design seeds when the row has several."""
+    x = v.get(key)
+    if x is None:
+        return "—"
+    sd = v.get(f"{key}_seed_sd")
+    return f"{_f(x, fmt)} ± {_f(sd, fmt)}" if sd is not None else _f(x, fmt)
 
 
 def targets(info: dict) -> list[str]:
-    """The issue's targets, each checked against this run's own numbers."""
-    ms = info["methods"]
-    stride = ms.get("STRIDE fidelity", {})
-    others = {k: v for k, v in ms.items() if v["status"] == "ok" and not k.startswith("STRIDE") and "lds_mean" in v}
+    """Issue 8's targets for this setting, each checked against this run's own numbers."""
+    ms, name = info["methods"], info.get("setting_name", "reference")
+    ok = {k: v for k, v in ms.items() if "lds_mean" in v and v["status"] == "ok"}
+    stride = ok.get("STRIDE revert (reference = base)")
+    ek = ok.get("Kronfluence EK-FAC")
     rows = []
-    if "lds_mean" in stride and others:
-        best = max(others, key=lambda k: others[k]["lds_mean"])
-        rows.append(("STRIDE LDS >= the best other method's", f"{stride['lds_mean']:.3f} vs {best} "
-                     f"{others[best]['lds_mean']:.3f}", stride["lds_mean"] >= others[best]["lds_mean"]))
-    if "recall@5" in stride:
-        rows.append(("planted recall@5 >= 0.9", f"{stride['recall@5']:.3f}", stride["recall@5"] >= 0.9))
+    if stride and ek:
+        if name == "reference":
+            want = 1.15 * ek["lds_mean"]
+            rows.append(("STRIDE revert LDS >= 1.15x EK-FAC's", f"{stride['lds_mean']:.3f} vs 1.15 x "
+                         f"{ek['lds_mean']:.3f} = {want:.3f}", stride["lds_mean"] >= want))
+            for k in ("recall@5", "mrr"):
+                rows.append((f"STRIDE revert {k} >= EK-FAC's", f"{stride[k]:.3f} vs {ek[k]:.3f}",
+                             stride[k] >= ek[k]))
+        else:
+            rows.append(("STRIDE revert LDS >= EK-FAC's", f"{stride['lds_mean']:.3f} vs {ek['lds_mean']:.3f}",
+                         stride["lds_mean"] >= ek["lds_mean"]))
+    if stride and name != "reference":
+        base = {k: ok[k]["lds_mean"] for k in REPRESENTATION if k in ok}
+        if base:
+            best = max(base, key=base.get)
+            rows.append(("STRIDE revert LDS above every gradient and representation baseline",
+                         f"{stride['lds_mean']:.3f} vs {best} {base[best]:.3f}", stride["lds_mean"] > base[best]))
+    noref = {k: ok[k]["lds_mean"] for k in ("STRIDE forget (no reference)", "STRIDE fidelity (no reference)")
+             if k in ok}
+    proj = {k: ok[k]["lds_mean"] for k in GRADIENT_PROJECTION if k in ok}
+    if noref and proj:
+        a, b = max(noref, key=noref.get), max(proj, key=proj.get)
+        rows.append(("no-reference STRIDE (best of forget, fidelity) LDS above every gradient-projection baseline",
+                     f"{a} {noref[a]:.3f} vs {b} {proj[b]:.3f}", noref[a] > proj[b]))
+    rem = info.get("removal")
+    if rem and 5 in rem["ks"]:
+        rr = rem["rows"]
+        st = next((k for k in rr if k.startswith("STRIDE")), None)
+        if st:
+            s5 = rr[st]["5"]["mean_rise"]
+            if "Kronfluence EK-FAC" in rr:
+                e5 = rr["Kronfluence EK-FAC"]["5"]["mean_rise"]
+                rows.append(("removal: STRIDE top-5 rise >= EK-FAC top-5 rise", f"{s5:.4f} vs {e5:.4f}", s5 >= e5))
+            r5 = rr["Random documents"]["5"]["mean_rise"]
+            rows.append(("removal: STRIDE top-5 rise >= 3x 5 random documents'", f"{s5:.4f} vs 3 x {r5:.4f}",
+                         s5 >= 3 * r5))
+    if stride and name == "reference" and not info["setting"]["name"].endswith("quick"):
+        sec = stride["precompute_s"]
+        rows.append(("default-mode build time <= 885 s (the former default's, 2 cores)", f"{sec:.0f} s", sec <= 885))
     sc = info.get("scaling")
     at = [(a, b) for a, b in zip(sc["stride"], sc["projected_gradients"], strict=True) if a["n"] == 10**5] if sc else []
     if at:
@@ -140,62 +189,103 @@ def targets(info: dict) -> list[str]:
         rows.append(("query latency at n = 10^5 >= 10x below projected gradients", f"{lat:.2f}x", lat >= 10))
         rows.append(("store at n = 10^5 >= 100x smaller", f"{size:.1f}x", size >= 100))
     rows.append(("full run within 45 min on 2 cores", f"{info['wall_s'] / 60:.1f} min", info["wall_s"] <= 45 * 60))
-    out = ["## Targets\n", "| target | this run | met |", "|---|---|---|"]
-    out += [f"| {t} | {v} | {'yes' if ok else '**no**'} |" for t, v, ok in rows]
+    out = ["## Targets (issue 8)\n", "| target | this run | met |", "|---|---|---|"]
+    out += [f"| {t} | {v} | {'yes' if good else '**no**'} |" for t, v, good in rows]
+    if not (stride and ek):
+        out.append("\nTargets comparing STRIDE revert with EK-FAC need both rows; one of them did not run.")
     return out + [""]
+
+
+def removal_section(rem: dict) -> list[str]:
+    L = ["## Removal test\n",
+         f"For {len(rem['queries'])} queries (drawn with seed {rem['seed']}), the base is retrained with the "
+         "setting's recipe and seed on the corpus minus each row's top-k proponents of the query; the column is "
+         "the mean rise of that query's loss over a full-corpus retrain with the same recipe and seed "
+         f"(mean {rem['full_corpus_loss_mean']:.3f}), ± its standard error over queries. {rem['retrains']} "
+         f"retrains, {rem['reused_from_cache']} of them reused from the cache; {rem['retrain_seconds']:.0f} s "
+         "of retraining in this run. *Same answer* draws from documents that state other facts with the "
+         "query's relation and answer (never its own supporting documents).\n"]
+    ks = [str(k) for k in rem["ks"]]
+    L.append("| removed | " + " | ".join(f"top-{k}: mean loss rise" for k in ks) + " |")
+    L.append("|---|" + "---|" * len(ks))
+    for name, per_k in rem["rows"].items():
+        L.append(f"| {name} | " + " | ".join(f"{per_k[k]['mean_rise']:.4f} ± {per_k[k]['sem']:.4f}"
+                                             if k in per_k else "—" for k in ks) + " |")
+    return L + [""]
+
+
+def commands(info: dict) -> list[str]:
+    setting = info.get("setting_name", "reference")
+    flag = "" if setting == "reference" else f" --setting {setting}"
+    return ["## Reproducing\n",
+            f"- This report: `{info['command']}` (reuses the cached ground truth, STRIDE stores and measurements "
+            "under `bench/cache/` and `bench/work/`; `--rebuild` rebuilds the stores).",
+            f"- Method table and targets: `python -m bench{flag}`; removal test: add `--removal --removal-queries 30 "
+            "--removal-k 5,20` (a separate stage: one retrain per query, row and k, each cached).",
+            f"- A smoke run of the same path: `python -m bench{flag} --quick` (its numbers are not reference figures).",
+            "- Tuning a knob on the tune split only: `bench.measure.lds_split(scores, gt, setting, \"tune\")` with "
+            "`gt = bench.groundtruth.ground_truth(materialise(setting, work), cache)`.", ""]
 
 
 def write_report(info: dict, out: Path) -> None:
     made = plots(info, out)
     s, d, m, gt = info["setting"], info["data"], info["machine"], info["ground_truth"]
-    L = []
-    L.append("# STRIDE reference benchmark\n")
+    name = info.get("setting_name", "reference")
+    L = [f"# STRIDE benchmark: {name} setting\n"]
     L.append("Generated by `bench/run.py`; every figure below is measured by that code in the run described "
              "here. `results.json` beside this file holds the same numbers (and more detail).\n")
     L.append(f"- **Command**: `{info['command']}` (setting `{s['name']}`, key `{info['setting_key']}`)")
     L.append(f"- **Wall time of this run**: {info['wall_s']:.0f} s ({info['wall_s'] / 60:.1f} min); "
              f"ground truth reused from cache for {gt['reused_from_cache']} of {gt['retrains']} retrains "
              f"(their retraining took {gt['retrain_seconds_total']:.0f} s when computed)")
+    a, b = gt["report_retrains"]
+    tune = gt.get("tune_retrains")
+    L.append(f"- **Retrains**: every LDS in the tables uses retrains {a}..{b} ({b - a + 1}); "
+             + (f"retrains {tune[0]}..{tune[1]} ({tune[1] - tune[0] + 1}) are kept for choosing hyper-parameters "
+                "and enter no reported figure except the separate *LDS tune split* column." if tune else
+                "no retrains are set aside for tuning in this run."))
     L.append(f"- **Machine**: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
              f"Python {m['python']}, load average at start {', '.join(f'{x:.1f}' for x in m['load_avg_at_start'])} "
              "(the machine is shared; timings include contention)")
     L.append("")
     L.append("## Setting\n")
-    L.append(f"Tiny Llama ({s['layers']} layers, width {s['hidden']}, MLP {s['intermediate']}, {s['heads']} heads, "
-             f"untied embeddings; {d['parameters']:,} parameters), word-level tokenizer ({d['vocab']} words). "
-             f"Base: pretrained {s['pretrain_epochs']} epochs on {s['pretrain_docs']} generic generated sentences "
-             "(filler, and relation sentences about entities that never reappear). Fine-tuning corpus: "
-             f"{d['documents']} documents, of which {d['fact_documents']} state {d['queries']} planted facts "
-             "(each fact in 1-3 documents, in different phrasings) and the rest are filler. Attributed model: "
-             f"the base fine-tuned on the whole corpus (AdamW, lr {s['lr']}, one-cycle schedule, batch "
-             f"{s['batch_size']}, {s['epochs']} epochs); it gets the object of {d['fact_top1_accuracy']:.0%} of "
-             f"the facts right (top-1). Queries: one per fact, {d['heldout_phrasing_queries']} of them phrased "
-             "as a question no training document uses. Ground truth: "
-             f"{gt['retrains']} retrains with the same recipe on random {s['subset_fraction']:.0%} subsets.\n")
+    roles = ", ".join(f"{v} {k}" for k, v in d.get("document_roles", {}).items())
+    acc = ", ".join(f"{k} {v:.0%}" for k, v in d.get("top1_accuracy_by_relation", {}).items())
+    L.append(f"{SETTING_TEXT.get(name, '')} Tiny Llama ({s['layers']} layers, width {s['hidden']}, MLP "
+             f"{s['intermediate']}, {s['heads']} heads, untied embeddings; {d['parameters']:,} parameters), word-level "
+             f"tokenizer ({d['vocab']} words). Base: pretrained {s['pretrain_epochs']} epochs on {s['pretrain_docs']}+ "
+             "generic generated texts about entities that never reappear. Fine-tuning corpus: "
+             f"{d['documents']} documents ({roles}); {d['queries']} queries, {d['heldout_phrasing_queries']} of them "
+             "phrased as no training document is. Attributed model: the base fine-tuned on the whole corpus (AdamW, "
+             f"lr {s['lr']}, one-cycle schedule, batch {s['batch_size']}, {s['epochs']} epochs); its top-1 answer is "
+             f"right for {d['fact_top1_accuracy']:.0%} of the queries ({acc}). Ground truth: {gt['retrains']} "
+             f"retrains with the same recipe on random {s['subset_fraction']:.0%} subsets.\n")
     L.append("## Quality and cost per method\n")
-    L.append("| method | LDS mean ± std | recall@1 | recall@5 | MRR | precompute | state | query p50 / p95 | "
+    L.append("Rows over several design seeds show mean ± sample sd over the seeds (seeds in the notes); "
+             "*LDS query sd* is the spread over queries.\n")
+    L.append("| method | LDS | LDS query sd | recall@1 | recall@5 | MRR | precompute | state | query p50 / p95 | "
              "peak RSS growth |")
-    L.append("|---|---|---|---|---|---|---|---|---|")
-    for name, v in info["methods"].items():
+    L.append("|---|---|---|---|---|---|---|---|---|---|")
+    for mname, v in info["methods"].items():
         if v["status"] not in ("ok", "ablation", "floor", "reference"):
-            L.append(f"| {name} | {v['status']} | | | | | | | |")
+            L.append(f"| {mname} | {v['status']} | | | | | | | | |")
             continue
-        q = f"{_f(v['lds_mean'])} ± {_f(v['lds_std'])}" if "lds_mean" in v else "—"
-        L.append(f"| {name} | {q} | {_f(v.get('recall@1'))} | {_f(v.get('recall@5'))} | {_f(v.get('mrr'))} | "
-                 f"{_f(v['precompute_s'], '.1f')} s | {_size(v['state_bytes'])} | "
-                 f"{_f(v['p50_ms'], '.1f')} / {_f(v['p95_ms'], '.1f')} ms | {_f(v['peak_rss_mb'], '.0f')} MiB |")
+        L.append(f"| {mname} | {_cell(v, 'lds_mean')} | {_f(v.get('lds_std'))} | {_cell(v, 'recall@1')} | "
+                 f"{_cell(v, 'recall@5')} | {_cell(v, 'mrr')} | {_cell(v, 'precompute_s', '.1f')} s | "
+                 f"{_size(v['state_bytes'])} | {_f(v['p50_ms'], '.1f')} / {_f(v['p95_ms'], '.1f')} ms | "
+                 f"{_f(v['peak_rss_mb'], '.0f')} MiB |")
     L.append("")
-    L.append("LDS split by query phrasing (seen / held-out) and recall@5 on held-out phrasings:\n")
-    L.append("| method | LDS seen phrasing | LDS held-out phrasing | recall@5 held-out |")
-    L.append("|---|---|---|---|")
-    for name, v in info["methods"].items():
+    L.append("LDS by query phrasing (seen / held-out), recall@5 on held-out phrasings, and LDS on the tune split:\n")
+    L.append("| method | LDS seen phrasing | LDS held-out phrasing | recall@5 held-out | LDS tune split |")
+    L.append("|---|---|---|---|---|")
+    for mname, v in info["methods"].items():
         if "lds_mean" in v:
-            L.append(f"| {name} | {_f(v.get('lds_mean_seen_phrasing'))} | {_f(v.get('lds_mean_heldout_phrasing'))} "
-                     f"| {_f(v.get('recall@5_heldout_phrasing'))} |")
+            L.append(f"| {mname} | {_cell(v, 'lds_mean_seen_phrasing')} | {_cell(v, 'lds_mean_heldout_phrasing')} "
+                     f"| {_cell(v, 'recall@5_heldout_phrasing')} | {_cell(v, 'lds_mean_tune')} |")
     L.append("")
     L.append("Notes on the columns:\n")
     L.append("- *LDS*: per query, Spearman over the retrains between the summed scores of the retrain's subset "
-             "and minus the retrained model's query loss; mean and std over queries (a constant prediction counts "
+             "and minus the retrained model's query loss; mean over queries (a constant prediction counts "
              "as 0). *recall@k*: share of a fact's supporting documents among the top-k proponents (score > 0), "
              "over min(k, #supporting); *MRR*: reciprocal rank of the first supporting document.")
     L.append("- *precompute*: wall time of what must exist before the first query (STRIDE: `build`; gradient "
@@ -208,19 +298,28 @@ def write_report(info: dict, out: Path) -> None:
             notes.setdefault(v["state_note"], []).append(k)
     L.append("- *state*: " + "; ".join(f"{', '.join(ks)}: {note}" for note, ks in notes.items()) + ".")
     L.append("- *peak RSS growth*: peak resident set size of the process during the method's precompute and "
-             "scoring, minus the level at its start, sampled every 10 ms (tracemalloc does not see torch "
-             "allocations).")
-    for name, v in info["methods"].items():
+             "scoring, minus the level at its start, sampled every 10 ms (— for a reused STRIDE store).")
+    for mname, v in info["methods"].items():
         if "latency_parts_p50_ms" in v:
-            p = v["latency_parts_p50_ms"]
-            L.append(f"- {name}: K={v['config']['num_subsets']}, r={v['config']['rank']}, "
-                     f"d={v['config']['memberships']}, layer {v['config']['layer']}, {v['config']['steps']} steps; "
-                     f"query p50 parts forward {p['forward']:.1f} ms, measure {p['measure']:.1f} ms, solve "
-                     f"{p['solve']:.1f} ms; Lasso converged for {v['converged_share']:.0%} of queries, "
-                     f"mean {v['mean_nonzeros']:.0f} nonzeros.")
+            p, c = v["latency_parts_p50_ms"], v["config"]
+            seeds = ", ".join(str(x) for x in v.get("seeds", [v.get("seed")]))
+            L.append(f"- {mname}: design seeds {seeds}; K={c['num_subsets']}, r={c['rank']}, d={c['memberships']}, "
+                     f"layer {c['layer']}, {c['steps']} steps, stability weight {c['stability_weight']}; query p50 "
+                     f"parts (seed {v.get('seed')}) forward {p['forward']:.1f} ms, measure {p['measure']:.1f} ms, "
+                     f"solve {p['solve']:.1f} ms; Lasso converged for {v['converged_share']:.0%} of queries, mean "
+                     f"{v['mean_nonzeros']:.0f} nonzeros.")
         if v.get("latency_note"):
-            L.append(f"- {name} latency: {v['latency_note']}.")
+            L.append(f"- {mname} latency: {v['latency_note']}.")
+    cf = info.get("counterfactual")
+    if cf:
+        L.append(f"- Exact subset counterfactuals: the design of {cf['design_from']} (K={cf['K']}, d={cf['d']}, "
+                 f"design seed {cf['design_seed']}); per subset the base model is fine-tuned {cf['steps']} steps "
+                 f"({cf['optimizer']}, lr {cf['lr']}, the setting's recipe lr) and every query's loss drop measured; "
+                 f"{cf['seconds']:.0f} s of fine-tuning ({cf['reused_subsets']} of {cf['K']} subsets reused from "
+                 "the cache); solved with the core's `stride.recovery.solve` at lambda = 0.2 and 0.8 lambda_max.")
     L.append("")
+    if info.get("removal"):
+        L.extend(removal_section(info["removal"]))
     sc = info.get("scaling")
     if sc:
         L.append("## Scaling with n\n")
@@ -243,6 +342,7 @@ def write_report(info: dict, out: Path) -> None:
         L.append("Ratios are baseline / STRIDE (above 1: STRIDE is cheaper). STRIDE store files at the largest n: "
                  + ", ".join(f"{k} {_size(v)}" for k, v in sc["stride"][-1]["store_files"].items()) + ".\n")
     L.extend(targets(info))
+    L.extend(commands(info))
     if made:
         L.append("## Plots\n")
         L.extend(f"![{p}]({p})" for p in made)

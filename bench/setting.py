@@ -173,6 +173,14 @@ def make_model(s: Setting, tok):
     return LlamaForCausalLM(cfg)
 
 
+def batch_loss(model, batch, rows: torch.Tensor) -> torch.Tensor:
+    """Mean token NLL of some rows of an encoded batch, trimmed to their longest row."""
+    width = int(batch.attention_mask[rows].sum(1).max())
+    ids, mask, tgt = (t[rows, :width] for t in (batch.input_ids, batch.attention_mask, batch.targets))
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    return F.cross_entropy(logits.transpose(1, 2), tgt, ignore_index=-100)
+
+
 def train(model, tok, texts: list[str | Record], epochs: int, lr: float, batch_size: int, seed: int) -> None:
     """The recipe: AdamW, linear warm-up then cosine decay, mean token NLL, seeded shuffles.
 
@@ -189,10 +197,7 @@ def train(model, tok, texts: list[str | Record], epochs: int, lr: float, batch_s
     gen = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         for b in torch.randperm(len(texts), generator=gen).split(batch_size):
-            width = int(batch.attention_mask[b].sum(1).max())
-            ids, mask, tgt = (t[b, :width] for t in (batch.input_ids, batch.attention_mask, batch.targets))
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-            loss = F.cross_entropy(logits.transpose(1, 2), tgt, ignore_index=-100)
+            loss = batch_loss(model, batch, b)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
