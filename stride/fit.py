@@ -7,6 +7,7 @@ math of one step, so it can be tested without any orchestration.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
@@ -25,49 +26,120 @@ class Features:
     z: Tensor  # (E, T, d) final normed states
     targets: Tensor  # (E, T) next-token ids, -100 where not scored
     mask: Tensor  # (E, T) bool, real (non-pad) positions
+    fid_ids: Tensor  # (E, T, m) tokens of each position's fidelity target distribution
+    fid_logq: Tensor  # (E, T, m + 1) their log-probabilities, then the rest's (one tail bucket)
+    stab_ids: Tensor  # (E, T, m') the frozen model's own top tokens: the stability target
+    stab_logq: Tensor  # (E, T, m' + 1)
+
+    FIELDS = ("h", "z", "targets", "mask", "fid_ids", "fid_logq", "stab_ids", "stab_logq")
+
+    def take(self, rows: Tensor, width: int) -> Features:
+        return Features(*(getattr(self, f)[rows, :width] for f in self.FIELDS))
+
+
+@dataclass
+class Targets:
+    """What the operators are fitted toward, per mode (METHOD.md).
+
+    ``fidelity``/``add``: the observed next token (make the subset likelier); ``revert``: the
+    reference checkpoint's next-token distribution (undo what training on the subset did);
+    ``forget``: the frozen model's distribution with the observed token's probability scaled by
+    ``forget_factor`` (a reference-free stand-in for leaving the subset out). Stability always
+    targets the frozen model's own distribution on outsiders.
+    """
+
+    mode: str
+    top_k: int = 64
+    reference: LM | None = None
+    forget_factor: float = 0.1
+
+
+def compress(logp: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
+    """A distribution (..., V) as its top-k tokens plus one tail bucket: ids (..., k), log q (..., k + 1).
+
+    Keeping ~64 of V tokens bounds the cache and the per-step work at any vocabulary; the tail bucket
+    keeps the KL a proper divergence between the coarsened distributions.
+    """
+    V = logp.shape[-1]
+    if top_k <= 0 or top_k >= V:
+        ids = torch.arange(V, device=logp.device).expand(logp.shape)
+        return ids, torch.cat([logp, torch.full_like(logp[..., :1], -80.0)], -1)
+    top, ids = logp.topk(top_k, dim=-1)
+    rest = logp.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True)
+    return ids, torch.cat([top, rest], -1).clamp_min(-80.0)  # -80: exp() is 0, no inf - inf
+
+
+def soft_kl(logits: Tensor, ids: Tensor, logq: Tensor) -> Tensor:
+    """KL(q || softmax(logits)) per position over the coarsened distributions: (..., V) -> (...).
+
+    Only the target's tokens are gathered, so no (..., V) probability tensor is formed beyond the
+    log-sum-exp; a one-hot target (k = 1, empty tail) makes this the NLL of that token.
+    """
+    top = torch.gather(logits, -1, ids) - logits.logsumexp(-1, keepdim=True)
+    tail = torch.log1p(-top.exp().sum(-1).clamp(max=1 - 1e-6))
+    logp = torch.cat([top, tail[..., None]], -1)
+    return (logq.exp() * (logq - logp)).sum(-1)
 
 
 class FeatureSource:
-    """Frozen activations of corpus examples: cached when they fit the budget, else recomputed.
+    """Frozen activations and targets of corpus examples: cached when they fit the budget, else recomputed.
 
     Either way the result for a set of indices is the same, so the budget never changes a build's
     content, only its speed and memory.
     """
 
-    def __init__(self, lm: LM, corpus: Corpus, layer: int, budget_mb: int, chunk: int = 64):
+    def __init__(self, lm: LM, corpus: Corpus, layer: int, budget_mb: int, targets: Targets | None = None,
+                 chunk: int = 64):
         self.lm, self.corpus, self.layer, self.chunk = lm, corpus, layer, chunk
+        self.spec = targets or Targets("fidelity")
         self.cache: Features | None = None
         n, d = len(corpus), lm.hidden_size
         est_len = min(lm.max_length, int(corpus.lengths.mean() // 3) + 8)
-        if n * est_len * d * 2 * 4 <= budget_mb * 2**20:
+        m = self.spec.top_k if self.spec.top_k > 0 else lm.unembed.shape[0]
+        if n * est_len * (2 * d * 4 + 2 * m * 12) <= budget_mb * 2**20:
             self.cache = self._compute(torch.arange(n))
 
+    @torch.no_grad()
     def _compute(self, indices: Tensor) -> Features:
         parts = []
         for start in range(0, len(indices), self.chunk):
             idx = indices[start : start + self.chunk].tolist()
             batch = self.lm.encode(self.corpus.records(idx))
             h, z = self.lm.features(batch, self.layer)
-            parts.append(Features(h, z, batch.targets.to(h.device), batch.attention_mask.bool().to(h.device)))
+            targets, mask = batch.targets.to(h.device), batch.attention_mask.bool().to(h.device)
+            logp = torch.log_softmax(self.lm.logits(z).float(), -1)
+            stab = compress(logp, self.spec.top_k)
+            parts.append(Features(h, z, targets, mask, *self._fidelity(batch, targets, logp), *stab))
         width = max(p.h.shape[1] for p in parts)
-        fields = ("h", "z", "targets", "mask")
-        return Features(*(torch.cat([_pad(getattr(p, f), width) for p in parts]) for f in fields))
+        return Features(*(torch.cat([_pad(getattr(p, f), width) for p in parts]) for f in Features.FIELDS))
+
+    def _fidelity(self, batch, targets: Tensor, logp: Tensor) -> tuple[Tensor, Tensor]:
+        spec = self.spec
+        if spec.mode == "revert":
+            _, z_ref = spec.reference.features(batch, 0)
+            ref = torch.log_softmax(spec.reference.logits(z_ref).float(), -1).to(logp.device)
+            return compress(ref, spec.top_k)
+        if spec.mode == "forget":
+            # leaving an example out makes its observed token less likely; the rest renormalises
+            drop = torch.zeros_like(logp).scatter(-1, targets.clamp_min(0)[..., None], math.log(spec.forget_factor))
+            return compress(torch.log_softmax(logp + drop, -1), spec.top_k)
+        ids = targets.clamp_min(0)[..., None]
+        return ids, torch.stack([torch.zeros_like(logp[..., 0]), torch.full_like(logp[..., 0], -80.0)], -1)
 
     def get(self, indices: Tensor) -> Features:
         if self.cache is None:
             return self._compute(indices)
         c = self.cache
         idx = indices.to(c.h.device)
-        mask = c.mask[idx]
-        width = int(mask.sum(1).max())
-        return Features(c.h[idx, :width], c.z[idx, :width], c.targets[idx, :width], mask[:, :width])
+        width = int(c.mask[idx].sum(1).max())
+        return c.take(idx, width)
 
 
 def _pad(t: Tensor, width: int) -> Tensor:
     extra = width - t.shape[1]
     if extra == 0:
         return t
-    fill = -100 if t.dtype == torch.long else 0
+    fill = -100 if t.dtype == torch.long and t.dim() == 2 else 0
     shape = (t.shape[0], extra, *t.shape[2:])
     return torch.cat([t, t.new_full(shape, fill)], 1)
 
@@ -81,6 +153,7 @@ class Step:
     fid_e: Tensor  # (P,) corpus index of each fidelity pair
     stab_k: Tensor  # (Q,)
     stab_e: Tensor  # (Q,)
+    seed: int = 0  # draws the scored positions when a step samples them
 
 
 def sample_step(membership: Membership, batch_size: int, members: int, gen: torch.Generator) -> Step:
@@ -98,36 +171,53 @@ def sample_step(membership: Membership, batch_size: int, members: int, gen: torc
     stab_e = torch.gather(cand, 1, order)
     ok = ~torch.gather(inside, 1, order)
     rows = ks[:, None].expand(-1, members)
-    return Step(ks, rows.reshape(-1), fid_e.reshape(-1), rows[ok], stab_e[ok])
+    seed = int(torch.randint(2**62, (1,), generator=gen))
+    return Step(ks, rows.reshape(-1), fid_e.reshape(-1), rows[ok], stab_e[ok], seed)
+
+
+def _positions(valid: Tensor, count: int, gen: torch.Generator) -> Tensor:
+    """Up to ``count`` random valid positions per row, as a (P, count) index (invalid ones repeat 0)."""
+    score = torch.rand(valid.shape, generator=gen).to(valid.device) + valid.float()
+    return score.topk(min(count, valid.shape[1]), dim=1).indices
 
 
 def step_loss(
-    ops: SteeringOperators, lm: LM, source: FeatureSource, step: Step, stability_weight: float
+    ops: SteeringOperators, lm: LM, source: FeatureSource, step: Step, stability_weight: float,
+    positions: int = 0,
 ) -> tuple[Tensor, dict[str, float]]:
-    """Fidelity NLL of each subset's own examples plus KL stability on examples outside it."""
+    """Fidelity toward each subset's targets on its members plus KL stability on examples outside it.
+
+    ``positions`` > 0 scores that many random positions per example instead of all of them: the
+    steered logits over the vocabulary are most of a step's cost.
+    """
     uniq = torch.unique(torch.cat([step.fid_e, step.stab_e]))
     feats = source.get(uniq)
     dev = feats.h.device
-    u = ops.project(feats.h)  # (E, T, r)
+    gen = torch.Generator().manual_seed(step.seed)
 
-    def steered_logits(e_idx: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+    def divergence(e_idx: Tensor, k: Tensor, valid_of, ids_of, logq_of) -> Tensor:
         rows = torch.searchsorted(uniq, e_idx).to(dev)
-        return rows, lm.logits(feats.z[rows] + ops.shift(u[rows], k.to(dev)))
+        valid = valid_of(rows)
+        pick = None
+        if positions > 0 and positions < valid.shape[1]:
+            pick = _positions(valid, positions, gen)
+            valid = torch.gather(valid, 1, pick)
 
-    # fidelity: operator k should make its members likelier, as training on them would
-    rows, logits = steered_logits(step.fid_e, step.fid_k)
-    targets = feats.targets[rows]
-    nll = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")
-    fid = (nll.sum(1) / (targets != -100).sum(1).clamp_min(1)).mean()
+        def sel(t: Tensor) -> Tensor:
+            t = t[rows]
+            if pick is None:
+                return t
+            return torch.gather(t, 1, pick[..., None].expand(-1, -1, t.shape[-1]))
+
+        logits = lm.logits(sel(feats.z) + ops.shift(ops.project(sel(feats.h)), k.to(dev)))
+        kl = soft_kl(logits, sel(ids_of), sel(logq_of)) * valid
+        return (kl.sum(1) / valid.sum(1).clamp_min(1)).mean()
+
+    fid = divergence(step.fid_e, step.fid_k, lambda r: feats.targets[r] != -100, feats.fid_ids, feats.fid_logq)
     stats = {"fidelity": float(fid.detach())}
     loss = fid
     if stability_weight > 0 and step.stab_e.numel():
-        # stability: outside its subset, operator k should leave the model's predictions alone
-        rows, logits = steered_logits(step.stab_e, step.stab_k)
-        base = F.log_softmax(lm.logits(feats.z[rows]), -1)
-        kl = (base.exp() * (base - F.log_softmax(logits, -1))).sum(-1)  # (Q, T)
-        mask = feats.mask[rows]
-        stab = (kl * mask).sum() / mask.sum().clamp_min(1)
+        stab = divergence(step.stab_e, step.stab_k, lambda r: feats.mask[r], feats.stab_ids, feats.stab_logq)
         stats["stability"] = float(stab.detach())
         loss = loss + stability_weight * stab
     return loss, stats

@@ -53,6 +53,21 @@ def weights_sha256(model_dir: str | Path) -> str:
     return h.hexdigest()
 
 
+class ModelMismatchError(ValueError):
+    """Two models that must share tokenizer and architecture do not; the message says what differs."""
+
+
+def check_same_family(deployed: LM, reference: LM, where: str) -> None:
+    """A reference checkpoint must tokenise and shape activations exactly as the deployed model does."""
+    a, b = deployed.model.config, reference.model.config
+    for field in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers"):
+        if getattr(a, field, None) != getattr(b, field, None):
+            raise ModelMismatchError(f"{where}: {field} is {getattr(b, field, None)!r}, the deployed model's is "
+                                     f"{getattr(a, field, None)!r}; the reference must be the same architecture")
+    if deployed.tokenizer.get_vocab() != reference.tokenizer.get_vocab():
+        raise ModelMismatchError(f"{where}: its tokenizer's vocabulary differs from the deployed model's")
+
+
 class LM:
     """A frozen causal LM with its tokenizer, on one device."""
 

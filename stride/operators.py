@@ -54,4 +54,24 @@ class SteeringOperators(nn.Module):
 
     def shift(self, u: Tensor, ks: Tensor) -> Tensor:
         """Shift of pair p: u (P, T, r) with operators ks (P,) -> (P, T, d)."""
-        return torch.bmm(u, self.A[ks])
+        return torch.bmm(u, _Rows.apply(self.A, ks))
+
+
+class _Rows(torch.autograd.Function):
+    """``A[ks]`` whose gradient is sparse in the rows of A.
+
+    A step touches ~32 of K operators; plain indexing back-propagates into a dense K x r x d zero
+    tensor that the optimiser then scans for touched rows: half of a step's time on the benchmark
+    (K = 1000, r = d = 64, 4 positions per example; torch profiler, fill_ + abs).
+    """
+
+    @staticmethod
+    def forward(ctx, A: Tensor, ks: Tensor) -> Tensor:
+        ctx.save_for_backward(ks)
+        ctx.shape = A.shape
+        return A[ks]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        (ks,) = ctx.saved_tensors
+        return torch.sparse_coo_tensor(ks[None], grad, ctx.shape, check_invariants=False), None

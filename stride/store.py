@@ -62,6 +62,8 @@ def write_store(
     out: str | Path, *, config: BuildConfig, ops: SteeringOperators, membership: Membership,
     corpus: Corpus, model_path: str | Path, model_sha256: str, extra: dict[str, Any] | None = None,
 ) -> Path:
+    """``model_path`` is the frozen model the service runs; ``extra`` may name the build's "reference"
+    and "deployed" models ({path, sha256} each)."""
     out = Path(out).resolve()
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
     tmp.mkdir(parents=True)

@@ -75,7 +75,7 @@ def test_build_and_attribute(arch_dir: Path, tmp_path: Path) -> None:
     cfg = BuildConfig(steps=20, num_subsets=32, memberships=4, rank=4, batch_size=8)
     store = build(arch_dir, data, tmp_path / "store", cfg, device="cpu", show_progress=False)
     attributor = Attributor.from_store(store, device="cpu")
-    assert attributor.layer == 1  # the middle of 2 layers
+    assert attributor.layer == 0  # the middle of 2 layers would be the last, whose output is the normed state
     result = attributor.attribute("the old farmer", " crossed the green river .", top_k=5)
     assert math.isfinite(result.loss) and result.loss > 0
     scores = [s.score for s in result.proponents + result.opponents]

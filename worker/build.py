@@ -23,15 +23,24 @@ import torch.distributed as dist
 from stride.config import BuildConfig
 from stride.corpus import Corpus, file_sha256
 from stride.design import Membership, random_design
-from stride.fit import FeatureSource, OperatorAdam, finetune_shift, model_copy, ridge_operator, sample_step, step_loss
-from stride.model import LM, pick_device, weights_sha256
+from stride.fit import (
+    FeatureSource,
+    OperatorAdam,
+    Targets,
+    finetune_shift,
+    model_copy,
+    ridge_operator,
+    sample_step,
+    step_loss,
+)
+from stride.model import LM, check_same_family, pick_device, weights_sha256
 from stride.operators import SteeringOperators
 from stride.store import write_store
 from worker.progress import reporter
 
 log = logging.getLogger("stride.build")
 BASIS_SAMPLE = 256  # examples whose activations fix the standardisation and basis
-CHECKPOINT_FORMAT = 2  # bump when checkpoint contents change: older ones are then ignored
+CHECKPOINT_FORMAT = 3  # bump when checkpoint contents change: older ones are then ignored
 
 
 @dataclass
@@ -50,6 +59,8 @@ class World:
         if self.size > 1:
             for p in params:
                 if p.grad is not None:
+                    if p.grad.is_sparse:  # each rank touched other rows; NCCL has no sparse all-reduce
+                        p.grad = p.grad.to_dense()
                     dist.all_reduce(p.grad)
                     p.grad /= self.size
 
@@ -65,8 +76,14 @@ def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
 
 def build(
     model_dir: str | Path, data: str | Path, out: str | Path, config: BuildConfig | None = None,
-    device: str | None = None, show_progress: bool = True,
+    device: str | None = None, show_progress: bool = True, reference_model: str | Path | None = None,
 ) -> Path:
+    """Fit the operators of ``model_dir`` on ``data`` and write the store ``out``.
+
+    ``reference_model`` is the checkpoint the deployed model was fine-tuned from (same tokenizer and
+    architecture). With it the default mode is ``revert``; in ``add`` mode it becomes the frozen
+    model the service runs (recorded in the manifest as the store's model).
+    """
     t_start = time.perf_counter()
     config = config or BuildConfig()
     out = Path(out).resolve()
@@ -77,15 +94,28 @@ def build(
     world = World.from_env(dev)
     corpus = Corpus.scan(data)
     lm = LM.load(model_dir, dev, config.max_length)
-    cfg = config.resolve(len(corpus), lm.num_layers)
+    ref = None
+    if reference_model is not None:
+        ref = LM.load(reference_model, dev, config.max_length)
+        check_same_family(lm, ref, str(reference_model))
+    cfg = config.resolve(len(corpus), lm.num_layers, has_reference=ref is not None)
     model_sha = weights_sha256(model_dir)
-    settings = [cfg.to_dict(), file_sha256(data), model_sha, world.size, CHECKPOINT_FORMAT]
+    ref_sha = weights_sha256(reference_model) if ref is not None else None
+    frozen = (model_dir, model_sha)
+    models = {}
+    if ref is not None:
+        models["reference"] = {"path": str(Path(reference_model).resolve()), "sha256": ref_sha}
+    if cfg.fit == "add":  # the operators add subsets to the reference: the service must run it
+        lm, ref, frozen = ref, None, (reference_model, ref_sha)
+        models["deployed"] = {"path": str(Path(model_dir).resolve()), "sha256": model_sha}
+    settings = [cfg.to_dict(), file_sha256(data), model_sha, ref_sha, world.size, CHECKPOINT_FORMAT]
     fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     membership = random_design(len(corpus), cfg.num_subsets, cfg.memberships, cfg.seed)
     log.info("build: n=%d K=%d d=%d rank=%d layer=%d mode=%s steps=%d device=%s world=%d",
              len(corpus), cfg.num_subsets, cfg.memberships, cfg.rank, cfg.layer, cfg.fit,
              cfg.steps, dev, world.size)
-    source = FeatureSource(lm, corpus, cfg.layer, cfg.activation_cache_mb)
+    targets = Targets(cfg.fit, cfg.target_top_k, ref if cfg.fit == "revert" else None, cfg.forget_factor)
+    source = FeatureSource(lm, corpus, cfg.layer, cfg.activation_cache_mb, targets)
     ops = SteeringOperators(lm.hidden_size, cfg.rank, cfg.num_subsets)
     sample = torch.randperm(len(corpus), generator=torch.Generator().manual_seed(cfg.seed))[:BASIS_SAMPLE]
     feats = source.get(sample.sort().values)
@@ -96,15 +126,15 @@ def build(
     ops = ops.to(dev)
     ckpt = out.with_name(f".{out.name}.ckpt")
     show = show_progress and world.rank == 0
-    if cfg.fit == "fidelity":
+    if cfg.fit != "finetune":
         _fit_fidelity(ops, lm, source, membership, cfg, world, ckpt, fingerprint, show)
     else:
         _fit_finetune(ops, lm, corpus, membership, cfg, world, ckpt, fingerprint, show)
     if world.rank == 0:
         write_store(out, config=cfg, ops=ops, membership=membership, corpus=corpus,
-                    model_path=model_dir, model_sha256=model_sha,
-                    extra={"build": {"seconds": round(time.perf_counter() - t_start, 2),
-                                     "world_size": world.size, "device": str(dev)}})
+                    model_path=frozen[0], model_sha256=frozen[1],
+                    extra={**models, "build": {"seconds": round(time.perf_counter() - t_start, 2),
+                                               "world_size": world.size, "device": str(dev)}})
         shutil.rmtree(ckpt, ignore_errors=True)
         log.info("build: wrote %s in %.1fs", out, time.perf_counter() - t_start)
     if world.size > 1:
@@ -144,7 +174,7 @@ def _fit_fidelity(ops: SteeringOperators, lm: LM, source: FeatureSource, members
         for step in range(start, steps):
             batch = sample_step(membership, cfg.batch_size, cfg.members_per_subset,
                                 step_generator(cfg.seed, step, world.rank))
-            loss, stats = step_loss(ops, lm, source, batch, cfg.stability_weight)
+            loss, stats = step_loss(ops, lm, source, batch, cfg.stability_weight, cfg.positions)
             opt.zero_grad()
             loss.backward()
             world.mean_grads(ops.parameters())

@@ -30,17 +30,26 @@ def build(
     model: Path = typer.Option(..., help="Hugging Face causal-LM directory (local)."),
     data: Path = typer.Option(..., help="JSONL corpus: {id?, text} or {id?, prompt, completion} per line."),
     out: Path = typer.Option(..., help="Store directory to write (replaced atomically)."),
-    layer: int | None = typer.Option(None, help="Block whose output the basis reads [default: middle]."),
+    reference_model: Path | None = typer.Option(
+        None, help="The checkpoint MODEL was fine-tuned from (same tokenizer and architecture); enables the "
+                   "revert (default with it) and add modes."),
+    layer: int | None = typer.Option(None, help="Block whose output the basis reads [default: middle, never the "
+                                                "last]."),
     rank: int = typer.Option(DEFAULTS.rank, help="Basis rank r."),
     num_subsets: int | None = typer.Option(None, "--num-subsets", "-K", help="K [default: n, clamped to 128..1000]."),
     memberships: int = typer.Option(DEFAULTS.memberships, "--memberships", "-d", help="Subsets per example."),
-    steps: int | None = typer.Option(None, help="Optimiser steps [default: ~400 visits per subset]."),
+    steps: int | None = typer.Option(None, help="Optimiser steps [default: --visits x K / --batch-size]."),
+    visits: int = typer.Option(DEFAULTS.visits, help="Default steps: times each subset is drawn."),
     batch_size: int = typer.Option(DEFAULTS.batch_size, help="Subsets per step."),
     members_per_subset: int = typer.Option(DEFAULTS.members_per_subset, help="Examples per subset per step."),
     lr: float = typer.Option(DEFAULTS.lr, help="Adam learning rate."),
     stability_weight: float = typer.Option(DEFAULTS.stability_weight, help="Weight of the KL stability term."),
     seed: int = typer.Option(DEFAULTS.seed),
-    fit: str = typer.Option(DEFAULTS.fit, help="fidelity (default) or finetune."),
+    fit: str | None = typer.Option(None, help="revert | add (need --reference-model) | forget | fidelity | finetune "
+                                              "[default: revert with a reference, else fidelity]."),
+    target_top_k: int = typer.Option(DEFAULTS.target_top_k, help="Target tokens kept per position (0: all)."),
+    positions: int = typer.Option(DEFAULTS.positions, help="Positions scored per example per step (0: all)."),
+    forget_factor: float = typer.Option(DEFAULTS.forget_factor, help="forget mode: observed-token scale."),
     max_length: int = typer.Option(DEFAULTS.max_length, help="Tokens per example (longer ones are cut)."),
     finetune_steps: int = typer.Option(DEFAULTS.finetune_steps, help="finetune mode: steps per subset."),
     finetune_lr: float = typer.Option(DEFAULTS.finetune_lr, help="finetune mode: learning rate."),
@@ -53,25 +62,28 @@ def build(
     quiet: bool = typer.Option(False, help="No progress output."),
 ) -> None:
     """Learn the steering operators for a model and corpus; write an operator store."""
+    from stride.config import FIT_MODES, ConfigError
     from stride.corpus import CorpusError
+    from stride.model import ModelMismatchError
     from worker.build import build as run_build
 
     _logging()
-    if fit not in ("fidelity", "finetune"):
-        _fail(ValueError(f"--fit must be fidelity or finetune, not {fit!r}"))
+    if fit is not None and fit not in FIT_MODES:
+        _fail(ConfigError(f"--fit must be one of {', '.join(FIT_MODES)}, not {fit!r}"))
     if config is not None:
         cfg = BuildConfig.from_dict(json.loads(config.read_text()))
     else:
         cfg = BuildConfig(
-            layer=layer, rank=rank, num_subsets=num_subsets, memberships=memberships, steps=steps,
+            layer=layer, rank=rank, num_subsets=num_subsets, memberships=memberships, steps=steps, visits=visits,
             batch_size=batch_size, members_per_subset=members_per_subset, lr=lr,
             stability_weight=stability_weight, seed=seed, fit=fit, max_length=max_length,  # type: ignore[arg-type]
             finetune_steps=finetune_steps, finetune_lr=finetune_lr, checkpoint_every=checkpoint_every,
-            activation_cache_mb=activation_cache_mb,
+            activation_cache_mb=activation_cache_mb, target_top_k=target_top_k, positions=positions,
+            forget_factor=forget_factor,
         )
     try:
-        path = run_build(model, data, out, cfg, device=device, show_progress=not quiet)
-    except (CorpusError, FileNotFoundError, ValueError) as e:
+        path = run_build(model, data, out, cfg, device=device, show_progress=not quiet, reference_model=reference_model)
+    except (CorpusError, ConfigError, ModelMismatchError, FileNotFoundError) as e:
         _fail(e)
     typer.echo(str(path))
 
