@@ -1,6 +1,7 @@
 """The in-process query API: ``Attributor.from_store(path).attribute(prompt, completion)``.
 
-One forward pass, K loss-drop measurements in one batched computation, one batched Lasso solve.
+One forward pass, K loss-drop measurements in one batched computation, one batched Lasso solve
+(certified by its duality gap; sparse, so ranking runs over the support, not the n examples).
 The HTTP service and the CLI both wrap this; neither re-implements any of it.
 """
 
@@ -15,7 +16,7 @@ from stride.config import Attribution, Example, Query, Scored, SolverConfig
 from stride.corpus import Record
 from stride.measure import loss_drops
 from stride.model import LM, pick_device, weights_sha256
-from stride.recovery import SparseDesign, solve
+from stride.recovery import Solution, SparseDesign, solve
 from stride.store import Store, StoreError, load_store
 
 
@@ -25,7 +26,9 @@ class Attributor:
         self.solver = solver or SolverConfig()
         self.layer = int(store.config.layer)  # resolved at build time
         self.ops = store.operators.to(lm.device)
-        self.design = SparseDesign(store.membership, lm.device)
+        self.design = SparseDesign(store.membership, lm.device)  # O(n d): no sort, no power iteration
+        # +1: y_k = L(q) - L_k(q); -1 for stores whose operators remove subset k ("revert", "forget")
+        self.sign = float(store.config.measurement_sign)
 
     @classmethod
     def from_store(
@@ -57,39 +60,27 @@ class Attributor:
     @torch.no_grad()
     def attribute_batch(self, queries: list[Query], top_k: int = 10,
                         include_text: bool = True) -> list[Attribution]:
-        """All queries share one forward pass, one measurement computation and one solve."""
+        """All queries share one forward pass, one measurement computation and one solve; each
+        query's answer is the same as it would be alone."""
         if not queries:
             return []
         sync = torch.cuda.synchronize if self.lm.device.type == "cuda" else (lambda: None)
         t0 = time.perf_counter()
-        records = [Record("query", q.prompt if q.completion else "", q.completion or q.prompt) for q in queries]
-        batch = self.lm.encode(records)
-        if bool((batch.scored.sum(1) == 0).any()):
-            raise ValueError("each query needs at least one scored token: a longer prompt or a completion")
-        h, z = self.lm.features(batch, self.layer)
-        sync()
-        t1 = time.perf_counter()
-        loss, Y = loss_drops(self.lm, self.ops, h, z, batch.targets.to(h.device), self.solver.first_order)
-        sync()
+        loss, Y, t1 = self._measure(queries, sync)
         t2 = time.perf_counter()
-        sol = solve(self.design, Y, self.solver.lam_ratio, self.solver.max_iter, self.solver.tol)
-        sync()
+        sol = self._solve(Y)
         t3 = time.perf_counter()
         k = min(top_k, self.num_examples)
-        top_pos = torch.topk(sol.w, k, dim=0)
-        top_neg = torch.topk(-sol.w, k, dim=0)
-        nnz = (sol.w != 0).sum(0)
+        nnz = sol.nonzeros()
         out = []
         for q in range(len(queries)):
-            pro = _nonzero(top_pos.values[:, q], top_pos.indices[:, q], 1.0)
-            opp = _nonzero(top_neg.values[:, q], top_neg.indices[:, q], -1.0)
             out.append(
                 Attribution(
                     loss=float(loss[q]),
-                    proponents=self._scored(pro, include_text),
-                    opponents=self._scored(opp, include_text),
+                    proponents=self._scored(sol.top(q, k, 1.0), include_text),
+                    opponents=self._scored(sol.top(q, k, -1.0), include_text),
                     diagnostics={
-                        "nonzeros": int(nnz[q]), "iterations": sol.iterations,
+                        "nonzeros": int(nnz[q]), "iterations": int(sol.epochs[q]),
                         "gap": float(sol.gap[q]), "converged": bool(sol.converged[q]),
                         "lambda": float(sol.lam[q]), "intercept": float(sol.intercept[q]),
                     },
@@ -101,6 +92,49 @@ class Attributor:
         for a in out:
             a.timing_ms = dict(timing)
         return out
+
+    def _measure(self, queries: list[Query], sync) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Query losses (Q,) and signed measurements Y (K, Q), and when the forward pass ended."""
+        records = [Record("query", q.prompt if q.completion else "", q.completion or q.prompt) for q in queries]
+        batch = self.lm.encode(records)
+        if bool((batch.scored.sum(1) == 0).any()):
+            raise ValueError("each query needs at least one scored token: a longer prompt or a completion")
+        h, z = self.lm.features(batch, self.layer)
+        sync()
+        t_forward = time.perf_counter()
+        loss, Y = loss_drops(self.lm, self.ops, h, z, batch.targets.to(h.device), self.solver.first_order)
+        sync()
+        return loss, Y * self.sign, t_forward
+
+    def _solve(self, Y: torch.Tensor) -> Solution:
+        return solve(self.design, Y, self.solver.lam_ratio, self.solver.max_iter, self.solver.tol)
+
+    @torch.no_grad()
+    def score_matrix(self, queries: list[Query], chunk: int = 32) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """Every example's score for every query, for benchmarks that need whole vectors.
+
+        Returns w (Q, n) float32 on the CPU, the no-solve ablation scores M_c^T y_c (Q, n) (the same
+        signed measurements, no sparse recovery), and diagnostics: converged_share, mean_nonzeros,
+        max_iterations. O(Q n) memory; the service never calls it.
+        """
+        sync = torch.cuda.synchronize if self.lm.device.type == "cuda" else (lambda: None)
+        ws, raw, conv, nnz, iters = [], [], [], [], []
+        for s in range(0, len(queries), chunk):
+            _, Y, _ = self._measure(queries[s : s + chunk], sync)
+            sol = self._solve(Y)
+            ws.append(sol.dense(torch.float32).T)
+            Yd = Y.detach().cpu().double()
+            raw.append(self.design.rmatvec(Yd - Yd.mean(0)).T.float())
+            conv.append(sol.converged.float())
+            nnz.append(sol.nonzeros().float())
+            iters.append(int(sol.epochs.max()) if len(sol.epochs) else 0)
+        if not ws:
+            empty = torch.zeros(0, self.num_examples)
+            return empty, empty.clone(), {"converged_share": float("nan"), "mean_nonzeros": float("nan"),
+                                          "max_iterations": 0}
+        diag = {"converged_share": float(torch.cat(conv).mean()), "mean_nonzeros": float(torch.cat(nnz).mean()),
+                "max_iterations": int(max(iters))}
+        return torch.cat(ws), torch.cat(raw), diag
 
     def _scored(self, items: list[tuple[int, float]], include_text: bool) -> list[Scored]:
         corpus = self.store.corpus
@@ -123,7 +157,3 @@ class Attributor:
             raise KeyError(key)
         return Example(i, corpus.ids[i], corpus.record(i).text)
 
-
-def _nonzero(values: torch.Tensor, indices: torch.Tensor, sign: float) -> list[tuple[int, float]]:
-    """(index, signed score) of the strictly positive entries of a top-k."""
-    return [(i, sign * v) for v, i in zip(values.tolist(), indices.tolist(), strict=True) if v > 0]

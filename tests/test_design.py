@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from stride.design import Membership, random_design
+from stride.design import Membership, from_subsets, random_design
 
 
 def _check_regular(m: Membership, n: int, K: int, d: int) -> torch.Tensor:
@@ -67,3 +68,43 @@ def test_sparse_matches_dense() -> None:
 def test_invalid_memberships(K: int, d: int) -> None:
     with pytest.raises(ValueError, match="memberships"):
         random_design(10, K, d, seed=0)
+
+
+def _argsort_rows(m: Membership) -> torch.Tensor:
+    """The former O(n log n) subsets_of, as a reference."""
+    rows = torch.repeat_interleave(torch.arange(m.num_subsets), m.sizes())
+    return rows[torch.argsort(m.col, stable=True)].reshape(m.num_examples, -1)
+
+
+@pytest.mark.parametrize(("n", "K", "d"), [(500, 50, 5), (70_000, 300, 4), (200_000, 1000, 10)])
+def test_rows_and_csr_conversions_are_exact(n: int, K: int, d: int) -> None:
+    """The O(n d) blocked conversions against the argsort ones, over several blocks of examples;
+    the last case takes the large-design draw (n K > 2^27)."""
+    m = random_design(n, K, d, seed=2)
+    if n <= 500:
+        _check_regular(m, n, K, d)
+    rows = m.subsets_of()
+    assert rows.dtype == torch.int32 and torch.equal(rows.long(), _argsort_rows(m))
+    assert bool((rows[:, 1:] > rows[:, :-1]).all())  # d distinct subsets, increasing
+    assert np.array_equal(m.rows(np.uint16), rows.numpy())
+    again = from_subsets(rows.flip(1), K)  # any order within a row gives the same CSR
+    assert torch.equal(again.crow, m.crow) and torch.equal(again.col, m.col)
+
+
+def test_large_draw_is_uniform_and_deterministic() -> None:
+    n, K, d = 150_000, 1000, 10  # n K > 2^27: the rejection draw
+    a, b, c = (random_design(n, K, d, seed=s) for s in (1, 1, 2))
+    assert torch.equal(a.col, b.col) and torch.equal(a.crow, b.crow)
+    assert not torch.equal(a.col, c.col)
+    sizes = a.sizes().float()
+    std = (n * (d / K) * (1 - d / K)) ** 0.5  # ~37.6 around 1500
+    assert (sizes - n * d / K).abs().max().item() < 5 * std
+    assert sizes.std().item() == pytest.approx(std, rel=0.2)
+
+
+def test_rows_rejects_a_design_that_is_not_left_regular() -> None:
+    m = random_design(50, 12, 3, seed=2)
+    broken = Membership(m.crow.clone(), m.col.clone(), 50)
+    broken.col[0] = broken.col[1]  # example col[0] loses a subset, col[1] gains a duplicate
+    with pytest.raises(ValueError, match="exactly 3 subsets"):
+        broken.rows()
