@@ -78,14 +78,19 @@ def removal_test(b: Built, scores: dict[str, torch.Tensor], cache_root: Path, nu
     for (name, k), sets in removal_sets(b, scores, qidx, list(ks), seed).items():
         rise = []
         for q, removed in zip(qidx, sets, strict=True):
+            if not removed:  # no document qualifies (e.g. no other fact has this answer): not a removal
+                continue
             losses, sec, cached = retrain_losses(b, removed, cache_root)
             retrains, seconds, reused = retrains + 1, seconds + sec, reused + int(cached)
             rise.append(float(losses[q] - full[q]))
+        if not rise:
+            continue
         r = np.asarray(rise)
-        rows.setdefault(name, {})[str(k)] = {"mean_rise": float(r.mean()),
+        rows.setdefault(name, {})[str(k)] = {"mean_rise": float(r.mean()), "queries": len(rise),
                                              "sem": float(r.std(ddof=1) / np.sqrt(len(r))) if len(r) > 1 else 0.0,
                                              "per_query": rise}
-        log(f"  removal {name} top-{k}: mean rise {r.mean():.4f} ({retrains} retrains so far, {seconds:.0f}s)")
+        log(f"  removal {name} top-{k}: mean rise {r.mean():.4f} over {len(rise)} queries ({retrains} retrains "
+            f"so far, {seconds:.0f}s)")
     return {"queries": [b.queries[q]["id"] for q in qidx], "ks": list(ks), "rows": rows,
             "full_corpus_loss_mean": float(full[qidx].mean()), "retrains": retrains, "reused_from_cache": reused,
             "retrain_seconds": seconds, "seed": seed}

@@ -204,12 +204,15 @@ def removal_section(rem: dict) -> list[str]:
          f"(mean {rem['full_corpus_loss_mean']:.3f}), ± its standard error over queries. {rem['retrains']} "
          f"retrains, {rem['reused_from_cache']} of them reused from the cache; {rem['retrain_seconds']:.0f} s "
          "of retraining in this run. *Same answer* draws from documents that state other facts with the "
-         "query's relation and answer (never its own supporting documents).\n"]
+         "query's relation and answer (never its own supporting documents); a query with none is left out of that row, "
+         "and the row says over how many queries it is.\n"]
     ks = [str(k) for k in rem["ks"]]
     L.append("| removed | " + " | ".join(f"top-{k}: mean loss rise" for k in ks) + " |")
     L.append("|---|" + "---|" * len(ks))
     for name, per_k in rem["rows"].items():
         L.append(f"| {name} | " + " | ".join(f"{per_k[k]['mean_rise']:.4f} ± {per_k[k]['sem']:.4f}"
+                                             + ("" if per_k[k]["queries"] == len(rem["queries"])
+                                                else f" ({per_k[k]['queries']} queries)")
                                              if k in per_k else "—" for k in ks) + " |")
     return L + [""]
 

@@ -142,6 +142,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     def stage(name: str, t: float) -> None:
         stages[name] = time.perf_counter() - t
+        # numba's OpenMP layer (the core's solver) leaves torch's intra-op threads at numba's count: pin again
+        torch.set_num_threads(args.threads)
 
     info = {"command": command(args), "setting_name": args.setting, "setting": setting.__dict__,
             "setting_key": setting.key(), "machine": machine()}

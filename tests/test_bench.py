@@ -82,12 +82,14 @@ def _numbers(obj, path=""):
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
+    """The default mode over 2 design seeds, the baselines, every reference row and a 2-query removal test."""
     from bench.run import main
 
     root = tmp_path_factory.mktemp("bench")
-    skip = "" if importlib.util.find_spec("kronfluence") else "kronfluence"
+    skip = "add,forget,fidelity,finetune" + ("" if importlib.util.find_spec("kronfluence") else ",kronfluence")
     info = main(["--quick", "--out", str(root / "results"), "--work", str(root / "work"),
-                 "--cache", str(root / "cache"), *(["--skip", skip] if skip else [])])
+                 "--cache", str(root / "cache"), "--skip", skip, "--seeds", "2",
+                 "--removal", "--removal-queries", "2", "--removal-k", "5"])
     return root / "results", info
 
 
@@ -96,18 +98,26 @@ def test_outputs_written(quick):
     out, info = quick
     assert (out / "REPORT.md").is_file() and (out / "lds.png").is_file() and (out / "scaling.png").is_file()
     assert json.loads((out / "results.json").read_text())["setting_key"] == info["setting_key"]
-    assert info["ground_truth"]["retrains"] >= 8
+    gt = info["ground_truth"]
+    assert gt["retrains"] == 10 and gt["report_retrains"] == [0, 7] and gt["tune_retrains"] == [8, 9]
 
 
 @pytest.mark.slow
 def test_every_method_ran_or_was_skipped(quick):
     _, info = quick
     m = info["methods"]
-    for name in ("STRIDE fidelity", "STRIDE finetune", "Gradient dot product (TracIn, final ckpt)",
+    for name in ("STRIDE revert (reference = base)", "Gradient dot product (TracIn, final ckpt)",
                  "Gradient cosine", "BM25", "Representation similarity (final hidden, cosine)"):
         assert m[name]["status"] == "ok", name
+    stride = m["STRIDE revert (reference = base)"]
+    assert stride["seeds"] == [0, 1] and set(stride["per_seed"]) == {"0", "1"} and "lds_mean_seed_sd" in stride
+    assert "STRIDE revert (reference = base): M^T y, no sparse solve (ablation)" in m
+    refs = [k for k, v in m.items() if v["status"] == "reference"]
+    assert len(refs) == 5, refs  # planted support, same relation and answer, thresholded BM25, 2 counterfactual
     kf = m["Kronfluence EK-FAC"]
     assert kf["status"] == "ok" if importlib.util.find_spec("kronfluence") else kf["status"].startswith("skipped")
+    rem = info["removal"]
+    assert len(rem["queries"]) == 2 and "Random documents" in rem["rows"] and rem["retrains"] >= 2
 
 
 @pytest.mark.slow
@@ -116,7 +126,7 @@ def test_numbers_finite_and_in_range(quick):
     for name, v in info["methods"].items():
         if v["status"] not in ("ok", "ablation", "floor", "reference"):
             continue
-        for path, x in _numbers({k: val for k, val in v.items() if k not in ("config",)}):
+        for path, x in _numbers({k: val for k, val in v.items() if k not in ("config", "per_seed")}):
             assert math.isfinite(x), (name, path, x)
         if "lds_mean" in v:
             assert -1 <= v["lds_mean"] <= 1 and 0 <= v["lds_std"] <= 1
