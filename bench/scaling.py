@@ -10,16 +10,29 @@ The baseline keeps n projected gradients of dimension k (float32); its query is 
 query gradient projected to k (measured) plus a dot product against the n stored rows. For n
 above ``chunk`` rows, the product is timed over one synthesised chunk of ``chunk`` rows, run
 n/chunk times in sequence (memory-bound either way; it keeps RAM use at chunk*k*4 bytes).
+
+The solver study (``solver_scan``, also ``python -m bench.scaling --ns 1e3,1e4,1e5,1e6,1e7``) times the
+Lasso alone on the issue 9 problem shape: K = 1000, d = 10, lambda = 0.2 lambda_max, y from 50 planted
+nonzeros plus noise and dense-noise y, one thread (torch and numba), tol 1e-6 (gap / primal), each
+query alone and as a batch; and a written store's start-up in a fresh process: import, ``load_store``
+(sha256 verification included, as the service does), the solver's design, one solve; with its resident
+memory. ``run_scaling`` runs it at its ns, plus 10^7 when 10^6 is among them (``--quick`` stays small).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numba
 import numpy as np
 import torch
 
@@ -75,7 +88,8 @@ def stride_at(n: int, lm: LM, ref_ops: SteeringOperators, query: Record, model_d
         state["Y"] = loss_drops(lm, ops, h, z, batch.targets, solver.first_order)[1]
 
     def do_solve():
-        state["sol"] = solve(design, state["Y"], solver.lam_ratio, solver.max_iter, solver.tol)
+        with one_thread():
+            state["sol"] = solve(design, state["Y"], solver.lam_ratio, solver.max_iter, solver.tol)
 
     parts = {"forward": _median_ms(forward, reps, max(warmup, 1)), "measure": _median_ms(measure, reps, max(warmup, 1)),
              "solve": _median_ms(do_solve, reps, warmup)}
@@ -93,6 +107,7 @@ def stride_at(n: int, lm: LM, ref_ops: SteeringOperators, query: Record, model_d
     return {"n": n, "K": K, "rank": r, "memberships": d, "latency_ms": sum(parts.values()), "parts_ms": parts,
             "timed_repeats": reps,
             "solver_iterations": int(state["sol"].iterations), "converged": bool(state["sol"].converged.all()),
+            "solver_gap": float(state["sol"].gap.max()), "solver_passes": int(state["sol"].passes.max()),
             "design_setup_s": setup_s, "store_bytes": sum(files.values()), "store_files": files}
 
 
@@ -112,6 +127,136 @@ def projected_at(n: int, k: int, query_cost_ms: float, reps: int, warmup: int = 
             query_cost_ms, "dot": ms}, "store_bytes": n * k * 4, "timed_rows": rows, "chunks": times}
 
 
+class one_thread:
+    """torch and numba on one thread, restored after (the issue's figures are per query on one thread)."""
+
+    def __enter__(self):
+        self.torch, self.numba = torch.get_num_threads(), numba.get_num_threads()
+        torch.set_num_threads(1)
+        numba.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.torch)
+        numba.set_num_threads(self.numba)
+
+
+def synthetic_queries(design: SparseDesign, planted: int = 4, noise_only: int = 4, nonzeros: int = 50,
+                      seed: int = 1) -> torch.Tensor:
+    """Y (K, planted + noise_only): ``nonzeros`` positive influences seen through M plus noise and an
+    offset, then dense standard-normal y (no sparse structure: the solver's hardest case)."""
+    gen = torch.Generator().manual_seed(seed)
+    cols = []
+    for _ in range(planted):
+        w = torch.zeros(design.n, dtype=torch.float64)
+        w[torch.randperm(design.n, generator=gen)[:nonzeros]] = torch.rand(nonzeros, generator=gen,
+                                                                            dtype=torch.float64) + 0.5
+        cols.append(design.matvec(w)[:, 0] + 0.5 * torch.randn(design.K, generator=gen, dtype=torch.float64) + 3.0)
+    cols += [torch.randn(design.K, generator=gen, dtype=torch.float64) for _ in range(noise_only)]
+    return torch.stack(cols, 1)
+
+
+def solve_at(membership, reps: int = 3, tol: float = 1e-6, max_iter: int = 10_000) -> dict:
+    """Per-query solve time (median over ``reps``, each query alone, 1 thread), the certified gap, and a
+    batch of all queries solved together."""
+    design = SparseDesign(membership)
+    Y = synthetic_queries(design)
+    kinds = ["planted"] * 4 + ["noise"] * 4
+    with one_thread():
+        solve(design, Y[:, :1], tol=tol, max_iter=max_iter)  # compiled kernels loaded
+        rows = []
+        for q in range(Y.shape[1]):
+            times = []
+            for _ in range(reps):
+                t = time.perf_counter()
+                sol = solve(design, Y[:, q : q + 1], tol=tol, max_iter=max_iter)
+                times.append((time.perf_counter() - t) * 1e3)
+            rows.append({"kind": kinds[q], "ms": float(np.median(times)), "gap": float(sol.gap[0]),
+                         "converged": bool(sol.converged[0]), "nonzeros": int(sol.nonzeros()[0]),
+                         "epochs": int(sol.epochs[0]), "passes": int(sol.passes[0])})
+        t = time.perf_counter()
+        batch = solve(design, Y, tol=tol, max_iter=max_iter)
+        batch_ms = (time.perf_counter() - t) * 1e3
+    out = {"queries": rows, "batch_ms_per_query": batch_ms / Y.shape[1],
+           "batch_converged": bool(batch.converged.all()), "tol": tol}
+    for kind in ("planted", "noise"):
+        sel = [r for r in rows if r["kind"] == kind]
+        out[kind] = {"ms_median": float(np.median([r["ms"] for r in sel])), "ms_max": max(r["ms"] for r in sel),
+                     "gap_max": max(r["gap"] for r in sel), "converged": all(r["converged"] for r in sel),
+                     "passes_max": max(r["passes"] for r in sel), "nonzeros_median": float(np.median(
+                         [r["nonzeros"] for r in sel]))}
+    return out
+
+
+_READY = r"""
+import json, os, sys, time
+t0 = time.perf_counter()
+import numba, torch
+torch.set_num_threads(1); numba.set_num_threads(1)
+from stride.recovery import SparseDesign, solve
+from stride.store import load_store
+t1 = time.perf_counter()
+store = load_store(sys.argv[1], verify=True)
+t2 = time.perf_counter()
+design = SparseDesign(store.membership)
+t3 = time.perf_counter()
+sol = solve(design, torch.randn(design.K, 1, generator=torch.Generator().manual_seed(0)))
+t4 = time.perf_counter()
+status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
+kb = lambda key: int(status[key].split()[0]) / 1024
+print(json.dumps({"import_s": t1 - t0, "load_store_s": t2 - t1, "design_s": t3 - t2, "first_solve_s": t4 - t3,
+                  "ready_s": t4 - t0, "rss_mb": kb("VmRSS"), "peak_rss_mb": kb("VmHWM"),
+                  "converged": bool(sol.converged.all())}))
+"""
+
+
+def startup_at(membership, K: int, d: int, rank: int = 64, hidden: int = 64) -> dict:
+    """Write a store for this design (tiny operators, stub corpus) and time its start-up in a fresh process."""
+    n = membership.num_examples
+    cfg = BuildConfig(num_subsets=K, memberships=d, rank=min(rank, hidden), layer=0, steps=1)
+    ops = SteeringOperators(hidden, min(rank, hidden), K).requires_grad_(False)
+    tmp = Path(tempfile.mkdtemp(prefix="stride-start-"))
+    try:
+        stub = tmp / "stub.jsonl"
+        stub.write_text('{"id": "x", "text": "x"}\n')
+        corpus = Corpus(stub, [f"doc-{i:08d}" for i in range(n)], np.arange(n, dtype=np.int64) * 48,
+                        np.full(n, 48, dtype=np.int64))
+        out = write_store(tmp / "store", config=cfg, ops=ops, membership=membership, corpus=corpus,
+                          model_path=tmp, model_sha256="synthetic")
+        del corpus
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}
+        t = time.perf_counter()
+        res = subprocess.run([sys.executable, "-c", _READY, str(out)], capture_output=True, text=True, env=env,
+                             check=True)
+        wall = time.perf_counter() - t
+        info = json.loads(res.stdout.strip().splitlines()[-1])
+        info["process_wall_s"] = wall  # interpreter start included
+        info["membership_file_bytes"] = (out / "membership.safetensors").stat().st_size
+        return info
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def solver_scan(ns: list[int], K: int = 1000, d: int = 10, startup: bool = True, log=print) -> list[dict]:
+    """Solve time, certified gap and start-up (load, ready, RSS) at each n, on the issue's problem shape."""
+    rows = []
+    for n in ns:
+        t = time.perf_counter()
+        membership = random_design(n, K, d, 0)
+        draw_s = time.perf_counter() - t
+        reps = 3 if n <= 10**6 else 1
+        row = {"n": n, "K": K, "memberships": d, "design_draw_s": draw_s, **solve_at(membership, reps)}
+        if startup:
+            row["startup"] = startup_at(membership, K, d)
+        p, z = row["planted"], row["noise"]
+        log(f"  solver n={n:>9}: planted {p['ms_median']:.1f} ms (max {p['ms_max']:.1f}, gap {p['gap_max']:.1e}), "
+            f"noise {z['ms_median']:.1f} ms (max {z['ms_max']:.1f}, gap {z['gap_max']:.1e}), batch "
+            f"{row['batch_ms_per_query']:.1f} ms/query"
+            + (f"; ready {row['startup']['ready_s']:.2f} s, RSS {row['startup']['rss_mb']:.0f} MiB" if startup else ""))
+        rows.append(row)
+        del membership
+    return rows
+
+
 def run_scaling(ns: list[int], model_dir: Path, store_dir: Path, query: dict, proj_dim: int,
                 grad_query_ms: float, log=print) -> dict:
     from stride.store import load_store
@@ -128,4 +273,20 @@ def run_scaling(ns: list[int], model_dir: Path, store_dir: Path, query: dict, pr
             f"gradients {p['latency_ms']:.1f} ms, {p['store_bytes'] / 2**20:.1f} MiB")
         stride.append(s)
         proj.append(p)
-    return {"stride": stride, "projected_gradients": proj}
+    solver_ns = sorted(set(ns) | ({10**7} if max(ns) >= 10**6 else set()))
+    return {"stride": stride, "projected_gradients": proj, "solver": solver_scan(solver_ns, log=log)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="STRIDE solver and start-up scaling (issue 9 problem shape)")
+    ap.add_argument("--ns", default="1e3,1e4,1e5,1e6,1e7", help="comma-separated n values")
+    ap.add_argument("--no-startup", action="store_true", help="skip writing stores and timing their start-up")
+    ap.add_argument("--out", type=Path, help="write the rows as JSON here")
+    args = ap.parse_args(argv)
+    rows = solver_scan([int(float(x)) for x in args.ns.split(",")], startup=not args.no_startup)
+    if args.out:
+        args.out.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
