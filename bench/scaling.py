@@ -13,7 +13,7 @@ n/chunk times in sequence (memory-bound either way; it keeps RAM use at chunk*k*
 
 The solver study (``solver_scan``, also ``python -m bench.scaling --ns 1e3,1e4,1e5,1e6,1e7``) times the
 Lasso alone on the issue 9 problem shape: K = 1000, d = 10, lambda = 0.2 lambda_max, y from 50 planted
-nonzeros plus noise and dense-noise y, one thread (torch and numba), tol 1e-6 (gap / primal), each
+nonzeros plus noise and dense-noise y, one thread, tol 1e-6 (gap / primal), each
 query alone and as a batch; and a written store's start-up in a fresh process: import, ``load_store``
 (sha256 verification included, as the service does), the solver's design, one solve; with its resident
 memory. ``run_scaling`` runs it at its ns, plus 10^7 when 10^6 is among them (``--quick`` stays small).
@@ -32,7 +32,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numba
 import numpy as np
 import torch
 
@@ -128,16 +127,15 @@ def projected_at(n: int, k: int, query_cost_ms: float, reps: int, warmup: int = 
 
 
 class one_thread:
-    """torch and numba on one thread, restored after (the issue's figures are per query on one thread)."""
+    """One thread, restored after (the issue's figures are per query on one thread; the solver's
+    thread pool follows torch's count)."""
 
     def __enter__(self):
-        self.torch, self.numba = torch.get_num_threads(), numba.get_num_threads()
+        self.torch = torch.get_num_threads()
         torch.set_num_threads(1)
-        numba.set_num_threads(1)
 
     def __exit__(self, *exc):
         torch.set_num_threads(self.torch)
-        numba.set_num_threads(self.numba)
 
 
 def synthetic_queries(design: SparseDesign, planted: int = 4, noise_only: int = 4, nonzeros: int = 50,
@@ -190,8 +188,8 @@ def solve_at(membership, reps: int = 3, tol: float = 1e-6, max_iter: int = 10_00
 _READY = r"""
 import json, os, sys, time
 t0 = time.perf_counter()
-import numba, torch
-torch.set_num_threads(1); numba.set_num_threads(1)
+import torch
+torch.set_num_threads(1)
 from stride.recovery import SparseDesign, solve
 from stride.store import load_store
 t1 = time.perf_counter()
@@ -223,7 +221,7 @@ def startup_at(membership, K: int, d: int, rank: int = 64, hidden: int = 64) -> 
         out = write_store(tmp / "store", config=cfg, ops=ops, membership=membership, corpus=corpus,
                           model_path=tmp, model_sha256="synthetic")
         del corpus
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
         t = time.perf_counter()
         res = subprocess.run([sys.executable, "-c", _READY, str(out)], capture_output=True, text=True, env=env,
                              check=True)

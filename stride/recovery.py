@@ -16,11 +16,12 @@ epochs (sweeps over the working set or its support) per query.
 
 The design is held as a contiguous (n, d) array of subset ids (uint16 when K <= 65536: the full pass
 reads 2 bytes per entry). Compiled with numba: full passes are fused over all active queries of a
-batch and spread over numba's threads; per-query descent runs on a thread pool (the kernels release
-the GIL). A query's arithmetic never depends on the other queries in its batch, so its answer is the
-same alone or batched, bit for bit. On a CUDA design the full passes run on the device through torch
-(the K x Q residuals go over; the descent stays on the CPU, where a few thousand columns of d ids are
-fastest). Answers come back on the CPU.
+batch; blocks of a pass, and per-query descent, run on a thread pool of ``torch.get_num_threads()``
+threads (the kernels release the GIL). A query's arithmetic never depends on the other queries in
+its batch, so its answer is the same alone or batched, bit for bit. On a CUDA design the full passes
+run on the device through torch (the K x Q residuals go over; the descent stays on the CPU, where a
+few thousand columns of d ids are fastest). Answers come back on the CPU. That path is tested here
+through torch on the CPU only: no GPU was available to measure it.
 
 Measured on the 2-core CI CPU, one thread, K = 1000, d = 10, lam = 0.2 lam_max: see
 ``bench/scaling.py`` and the issue 9 report.
@@ -33,10 +34,8 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import numba
 import numpy as np
 import torch
-from numba import prange
 from torch import Tensor
 
 from stride.design import Membership, jit
@@ -134,10 +133,10 @@ class SparseDesign:
 # ---------------------------------------------------------------- compiled kernels
 
 
-@jit(parallel=True)
+@jit()
 def _rmatvec(ids, R, shift, out):  # pragma: no cover - compiled
     n, d = ids.shape
-    for j in prange(n):
+    for j in range(n):
         for q in range(R.shape[1]):
             s = 0.0
             for t in range(d):
@@ -193,9 +192,9 @@ def _scan(G, q, lo, thr, cap, bidx, bval):  # pragma: no cover - compiled
     return mx, _keep_top(bidx, bval, cnt, cap)
 
 
-@jit(parallel=True)
-def _full_pass(ids, R, shift, thr, cap, out_max, out_idx, out_val, out_cnt):  # pragma: no cover - compiled
-    """One pass over all n columns for the Qa queries of R (K, Qa), fused: the ids are read once.
+@jit()
+def _full_pass(ids, R, shift, thr, cap, b0, b1, out_max, out_idx, out_val, out_cnt):  # pragma: no cover - compiled
+    """Blocks b0..b1 of one pass over the n columns for the Qa queries of R (K, Qa), fused: the ids are read once.
 
     g_j = sum_{k in S_j} R[k] - shift; per block of columns and query: max |g| and the ``cap``
     largest |g| above ``thr``. Gather first, scan after: a fused scan with per-query state in
@@ -203,8 +202,7 @@ def _full_pass(ids, R, shift, thr, cap, out_max, out_idx, out_val, out_cnt):  # 
     """
     n, d = ids.shape
     Qa = R.shape[1]
-    nb = out_max.shape[0]
-    for b in prange(nb):
+    for b in range(b0, b1):
         lo = b * _BLOCK
         hi = min(n, lo + _BLOCK)
         G = np.empty((hi - lo, Qa))
@@ -429,11 +427,14 @@ _pool: ThreadPoolExecutor | None = None
 
 
 def _threads() -> int:
-    return max(1, numba.get_num_threads())
+    """The process's thread budget is torch's: numba's own threading layer is not used, since its
+    OpenMP layer shares the OpenMP runtime with torch and changed torch's thread count."""
+    return max(1, torch.get_num_threads())
 
 
 def _map(fn, items: list) -> list:
-    """Per-query descent on numba's thread count (the kernels release the GIL); inline with one thread."""
+    """Full-pass blocks and per-query descent on a thread pool (the kernels release the GIL); inline
+    with one thread."""
     global _pool
     workers = min(_threads(), len(items))
     if workers <= 1:
@@ -478,7 +479,11 @@ def _candidates(design: SparseDesign, R: np.ndarray, shift: np.ndarray, thr: np.
     out_idx = np.empty((nb, Qa, cap), np.int64)
     out_val = np.empty((nb, Qa, cap))
     out_cnt = np.zeros((nb, Qa), np.int64)
-    _full_pass(design.ids, np.ascontiguousarray(R), shift, thr, cap, out_max, out_idx, out_val, out_cnt)
+    R = np.ascontiguousarray(R)
+    parts = min(_threads(), nb)
+    edges = [nb * i // parts for i in range(parts + 1)]
+    _map(lambda i: _full_pass(design.ids, R, shift, thr, cap, edges[i], edges[i + 1], out_max, out_idx, out_val,
+                              out_cnt), list(range(parts)))
     found = []
     for q in range(Qa):
         idx = np.concatenate([out_idx[b, q, : out_cnt[b, q]] for b in range(nb)])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 import pytest
 import torch
@@ -16,13 +15,11 @@ N, K, D = 300, 120, 8
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """One thread each for torch and numba: the CI CPU is shared (and the answers must not care)."""
-    before, nb = torch.get_num_threads(), numba.get_num_threads()
+    """One thread (the solver's pool follows torch's count): the CI CPU is shared."""
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
-    numba.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-    numba.set_num_threads(nb)
 
 
 def _planted(design: SparseDesign, Q: int, s: int, noise: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,12 +118,11 @@ def test_batched_equals_each_column_alone() -> None:
     design = SparseDesign(random_design(30_000, 100, 6, seed=5))
     Y, _ = _planted(design, 3, 10, 0.2, 1)
     Y = torch.cat([Y, torch.randn(100, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)], 1)
-    before = numba.get_num_threads()
-    numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+    torch.set_num_threads(2)  # blocks of each pass and the queries' descents on two threads
     try:
         batched = solve(design, Y)
     finally:
-        numba.set_num_threads(before)
+        torch.set_num_threads(1)
     for q in range(Y.shape[1]):
         alone = solve(design, Y[:, q : q + 1])
         assert torch.equal(batched.indices[q], alone.indices[0])
