@@ -12,6 +12,11 @@ REFERENCE_MODES = ("revert", "add")  # modes that need a reference (pre-fine-tun
 LEAVE_OUT_MODES = ("revert", "forget")  # operators simulate removing a subset: y_k = L_k(q) - L(q)
 
 
+def _arg(default: Any, help: str, *flags: str) -> Any:
+    """A config field whose help text (and extra CLI flags) the generated command line reads."""
+    return field(default=default, metadata={"help": help, "flags": flags})
+
+
 class ConfigError(ValueError):
     """A build setting that cannot be used; the message names the field."""
 
@@ -24,28 +29,31 @@ class BuildConfig:
     unseen model and corpus without tuning.
     """
 
-    layer: int | None = None  # None: the middle block, never the last one (see ``default_layer``)
-    rank: int = 64
-    num_subsets: int | None = None  # None: n, clamped to [128, 1000]
-    memberships: int = 10  # d: subsets each example joins
-    steps: int | None = None  # None: enough for each subset to be visited ~``visits`` times
-    visits: int = 100  # default steps = visits * K / batch_size: times each subset is drawn (README)
-    batch_size: int = 32  # subsets per optimisation step
-    members_per_subset: int = 4
-    lr: float = 3e-3
-    stability_weight: float = 10.0  # KL on non-members; higher makes operators subset-specific (README)
-    seed: int = 0
-    fit: FitMode | None = None  # None: "revert" when a reference model is given, else "fidelity"
-    target_top_k: int = 64  # soft targets kept per position: top tokens plus one tail bucket (0: all)
-    positions: int = 0  # scored positions sampled per example per step (0: all)
-    forget_factor: float = 0.1  # "forget" mode: the observed token's probability is scaled by this
-    max_length: int = 256
-    activation_cache_mb: int = 1024  # cache frozen activations up to this size, else stream
-    finetune_steps: int = 4
-    finetune_lr: float = 1e-3
-    finetune_probes: int = 32
-    ridge: float = 1e-2
-    checkpoint_every: int = 200
+    layer: int | None = _arg(None, "Block whose output the basis reads (default: the middle one, never the last: "
+                                   "its output is the final normed state the operators steer).")
+    rank: int = _arg(64, "Basis rank r.")
+    num_subsets: int | None = _arg(None, "K, the number of subsets (default: n, clamped to 128..1000).", "-K")
+    memberships: int = _arg(10, "d, the subsets each example joins.", "-d")
+    steps: int | None = _arg(None, "Optimiser steps (default: visits x K / batch-size).")
+    visits: int = _arg(100, "For the default steps: times each subset is drawn (README: defaults table).")
+    batch_size: int = _arg(32, "Subsets per optimisation step.")
+    members_per_subset: int = _arg(4, "Members (and as many outsiders) of each subset per step.")
+    lr: float = _arg(3e-3, "Adam learning rate.")
+    stability_weight: float = _arg(10.0, "Weight of the KL stability term on non-members (README).")
+    seed: int = _arg(0, "Seed of the design, the basis and every step's sampling.")
+    fit: FitMode | None = _arg(None, "revert | add (both need --reference-model) | forget | fidelity | finetune "
+                                     "(default: revert with a reference model, else fidelity).")
+    target_top_k: int = _arg(64, "Target tokens kept per position, plus one tail bucket (0: the whole vocabulary).")
+    positions: int = _arg(0, "Positions scored per example per step (0: all of them).")
+    forget_factor: float = _arg(0.1, "forget mode: the observed token's probability is scaled by this.")
+    token_weights: bool = _arg(False, "revert mode: weight positions by reference NLL - deployed NLL, floored at 0.")
+    max_length: int = _arg(256, "Tokens per example (longer ones are cut).")
+    activation_cache_mb: int = _arg(1024, "Cache frozen activations and targets up to this many MiB; stream beyond.")
+    finetune_steps: int = _arg(4, "finetune mode: optimiser steps per subset.")
+    finetune_lr: float = _arg(1e-3, "finetune mode: learning rate.")
+    finetune_probes: int = _arg(32, "finetune mode: probe examples beside the subset's own.")
+    ridge: float = _arg(1e-2, "finetune mode: ridge of the closed-form operator fit.")
+    checkpoint_every: int = _arg(200, "Steps between checkpoints.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

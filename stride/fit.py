@@ -30,8 +30,9 @@ class Features:
     fid_logq: Tensor  # (E, T, m + 1) their log-probabilities, then the rest's (one tail bucket)
     stab_ids: Tensor  # (E, T, m') the frozen model's own top tokens: the stability target
     stab_logq: Tensor  # (E, T, m' + 1)
+    fid_w: Tensor  # (E, T) weight of each position in the fidelity term (1 unless token weighting)
 
-    FIELDS = ("h", "z", "targets", "mask", "fid_ids", "fid_logq", "stab_ids", "stab_logq")
+    FIELDS = ("h", "z", "targets", "mask", "fid_ids", "fid_logq", "stab_ids", "stab_logq", "fid_w")
 
     def take(self, rows: Tensor, width: int) -> Features:
         return Features(*(getattr(self, f)[rows, :width] for f in self.FIELDS))
@@ -52,6 +53,7 @@ class Targets:
     top_k: int = 64
     reference: LM | None = None
     forget_factor: float = 0.1
+    token_weights: bool = False  # revert: weight positions by how much training lowered their NLL
 
 
 def compress(logp: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
@@ -109,22 +111,27 @@ class FeatureSource:
             targets, mask = batch.targets.to(h.device), batch.attention_mask.bool().to(h.device)
             logp = torch.log_softmax(self.lm.logits(z).float(), -1)
             stab = compress(logp, self.spec.top_k)
-            parts.append(Features(h, z, targets, mask, *self._fidelity(batch, targets, logp), *stab))
+            fid_ids, fid_logq, fid_w = self._fidelity(batch, targets, logp)
+            parts.append(Features(h, z, targets, mask, fid_ids, fid_logq, *stab, fid_w))
         width = max(p.h.shape[1] for p in parts)
         return Features(*(torch.cat([_pad(getattr(p, f), width) for p in parts]) for f in Features.FIELDS))
 
-    def _fidelity(self, batch, targets: Tensor, logp: Tensor) -> tuple[Tensor, Tensor]:
+    def _fidelity(self, batch, targets: Tensor, logp: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         spec = self.spec
+        ones = torch.ones_like(logp[..., 0])
+        tok = targets.clamp_min(0)[..., None]
         if spec.mode == "revert":
             _, z_ref = spec.reference.features(batch, 0)
             ref = torch.log_softmax(spec.reference.logits(z_ref).float(), -1).to(logp.device)
-            return compress(ref, spec.top_k)
+            w = ones
+            if spec.token_weights:  # reference NLL minus deployed NLL of the observed token, floored at 0
+                w = (torch.gather(logp, -1, tok) - torch.gather(ref, -1, tok)).squeeze(-1).clamp_min(0)
+            return *compress(ref, spec.top_k), w
         if spec.mode == "forget":
             # leaving an example out makes its observed token less likely; the rest renormalises
-            drop = torch.zeros_like(logp).scatter(-1, targets.clamp_min(0)[..., None], math.log(spec.forget_factor))
-            return compress(torch.log_softmax(logp + drop, -1), spec.top_k)
-        ids = targets.clamp_min(0)[..., None]
-        return ids, torch.stack([torch.zeros_like(logp[..., 0]), torch.full_like(logp[..., 0], -80.0)], -1)
+            drop = torch.zeros_like(logp).scatter(-1, tok, math.log(spec.forget_factor))
+            return *compress(torch.log_softmax(logp + drop, -1), spec.top_k), ones
+        return tok, torch.stack([torch.zeros_like(ones), torch.full_like(ones, -80.0)], -1), ones
 
     def get(self, indices: Tensor) -> Features:
         if self.cache is None:
@@ -195,13 +202,14 @@ def step_loss(
     dev = feats.h.device
     gen = torch.Generator().manual_seed(step.seed)
 
-    def divergence(e_idx: Tensor, k: Tensor, valid_of, ids_of, logq_of) -> Tensor:
+    def divergence(e_idx: Tensor, k: Tensor, valid_of, ids_of, logq_of, weight_of=None) -> Tensor:
         rows = torch.searchsorted(uniq, e_idx).to(dev)
         valid = valid_of(rows)
+        weight = valid.float() if weight_of is None else weight_of[rows] * valid
         pick = None
         if positions > 0 and positions < valid.shape[1]:
             pick = _positions(valid, positions, gen)
-            valid = torch.gather(valid, 1, pick)
+            valid, weight = torch.gather(valid, 1, pick), torch.gather(weight, 1, pick)
 
         def sel(t: Tensor) -> Tensor:
             t = t[rows]
@@ -210,10 +218,11 @@ def step_loss(
             return torch.gather(t, 1, pick[..., None].expand(-1, -1, t.shape[-1]))
 
         logits = lm.logits(sel(feats.z) + ops.shift(ops.project(sel(feats.h)), k.to(dev)))
-        kl = soft_kl(logits, sel(ids_of), sel(logq_of)) * valid
+        kl = soft_kl(logits, sel(ids_of), sel(logq_of)) * weight
         return (kl.sum(1) / valid.sum(1).clamp_min(1)).mean()
 
-    fid = divergence(step.fid_e, step.fid_k, lambda r: feats.targets[r] != -100, feats.fid_ids, feats.fid_logq)
+    fid = divergence(step.fid_e, step.fid_k, lambda r: feats.targets[r] != -100, feats.fid_ids, feats.fid_logq,
+                     feats.fid_w)
     stats = {"fidelity": float(fid.detach())}
     loss = fid
     if stability_weight > 0 and step.stab_e.numel():

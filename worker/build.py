@@ -114,7 +114,8 @@ def build(
     log.info("build: n=%d K=%d d=%d rank=%d layer=%d mode=%s steps=%d device=%s world=%d",
              len(corpus), cfg.num_subsets, cfg.memberships, cfg.rank, cfg.layer, cfg.fit,
              cfg.steps, dev, world.size)
-    targets = Targets(cfg.fit, cfg.target_top_k, ref if cfg.fit == "revert" else None, cfg.forget_factor)
+    targets = Targets(cfg.fit, cfg.target_top_k, ref if cfg.fit == "revert" else None, cfg.forget_factor,
+                      cfg.token_weights)
     source = FeatureSource(lm, corpus, cfg.layer, cfg.activation_cache_mb, targets)
     ops = SteeringOperators(lm.hidden_size, cfg.rank, cfg.num_subsets)
     sample = torch.randperm(len(corpus), generator=torch.Generator().manual_seed(cfg.seed))[:BASIS_SAMPLE]

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import logging
 import sys
+import types
+import typing
 from pathlib import Path
 
 import typer
@@ -12,7 +16,6 @@ import typer
 from stride.config import BuildConfig, SolverConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-DEFAULTS = BuildConfig()
 
 
 def _logging(verbose: bool = False) -> None:
@@ -25,41 +28,32 @@ def _fail(e: Exception) -> None:
     raise typer.Exit(2)
 
 
-@app.command()
+def _config_options(cls) -> list[inspect.Parameter]:
+    """One ``--option`` per config field, typed and documented by the field itself (never restated here)."""
+    hints = typing.get_type_hints(cls)
+    params = []
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if typing.get_origin(kind) in (types.UnionType, typing.Union):  # X | None
+            inner = [a for a in typing.get_args(kind) if a is not type(None)][0]
+            kind = (str if typing.get_origin(inner) is typing.Literal else inner) | None
+        flags = (f"--{f.name.replace('_', '-')}", *f.metadata.get("flags", ()))
+        option = typer.Option(f.default, *flags, help=f.metadata.get("help", ""))
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind))
+    return params
+
+
 def build(
     model: Path = typer.Option(..., help="Hugging Face causal-LM directory (local)."),
     data: Path = typer.Option(..., help="JSONL corpus: {id?, text} or {id?, prompt, completion} per line."),
     out: Path = typer.Option(..., help="Store directory to write (replaced atomically)."),
     reference_model: Path | None = typer.Option(
         None, help="The checkpoint MODEL was fine-tuned from (same tokenizer and architecture); enables the "
-                   "revert (default with it) and add modes."),
-    layer: int | None = typer.Option(None, help="Block whose output the basis reads [default: middle, never the "
-                                                "last]."),
-    rank: int = typer.Option(DEFAULTS.rank, help="Basis rank r."),
-    num_subsets: int | None = typer.Option(None, "--num-subsets", "-K", help="K [default: n, clamped to 128..1000]."),
-    memberships: int = typer.Option(DEFAULTS.memberships, "--memberships", "-d", help="Subsets per example."),
-    steps: int | None = typer.Option(None, help="Optimiser steps [default: --visits x K / --batch-size]."),
-    visits: int = typer.Option(DEFAULTS.visits, help="Default steps: times each subset is drawn."),
-    batch_size: int = typer.Option(DEFAULTS.batch_size, help="Subsets per step."),
-    members_per_subset: int = typer.Option(DEFAULTS.members_per_subset, help="Examples per subset per step."),
-    lr: float = typer.Option(DEFAULTS.lr, help="Adam learning rate."),
-    stability_weight: float = typer.Option(DEFAULTS.stability_weight, help="Weight of the KL stability term."),
-    seed: int = typer.Option(DEFAULTS.seed),
-    fit: str | None = typer.Option(None, help="revert | add (need --reference-model) | forget | fidelity | finetune "
-                                              "[default: revert with a reference, else fidelity]."),
-    target_top_k: int = typer.Option(DEFAULTS.target_top_k, help="Target tokens kept per position (0: all)."),
-    positions: int = typer.Option(DEFAULTS.positions, help="Positions scored per example per step (0: all)."),
-    forget_factor: float = typer.Option(DEFAULTS.forget_factor, help="forget mode: observed-token scale."),
-    max_length: int = typer.Option(DEFAULTS.max_length, help="Tokens per example (longer ones are cut)."),
-    finetune_steps: int = typer.Option(DEFAULTS.finetune_steps, help="finetune mode: steps per subset."),
-    finetune_lr: float = typer.Option(DEFAULTS.finetune_lr, help="finetune mode: learning rate."),
-    checkpoint_every: int = typer.Option(DEFAULTS.checkpoint_every, help="Steps between checkpoints."),
-    activation_cache_mb: int = typer.Option(
-        DEFAULTS.activation_cache_mb, help="Cache frozen activations up to this many MiB; stream beyond."
-    ),
-    device: str | None = typer.Option(None, help="cpu, cuda, cuda:1 ... [default: cuda if present]."),
-    config: Path | None = typer.Option(None, help="JSON BuildConfig; command-line options are ignored."),
+                   "revert (the default with it) and add modes."),
+    device: str | None = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda if present)."),
+    config: Path | None = typer.Option(None, help="JSON BuildConfig; the config options below are then ignored."),
     quiet: bool = typer.Option(False, help="No progress output."),
+    **options,
 ) -> None:
     """Learn the steering operators for a model and corpus; write an operator store."""
     from stride.config import FIT_MODES, ConfigError
@@ -68,24 +62,23 @@ def build(
     from worker.build import build as run_build
 
     _logging()
-    if fit is not None and fit not in FIT_MODES:
-        _fail(ConfigError(f"--fit must be one of {', '.join(FIT_MODES)}, not {fit!r}"))
-    if config is not None:
-        cfg = BuildConfig.from_dict(json.loads(config.read_text()))
-    else:
-        cfg = BuildConfig(
-            layer=layer, rank=rank, num_subsets=num_subsets, memberships=memberships, steps=steps, visits=visits,
-            batch_size=batch_size, members_per_subset=members_per_subset, lr=lr,
-            stability_weight=stability_weight, seed=seed, fit=fit, max_length=max_length,  # type: ignore[arg-type]
-            finetune_steps=finetune_steps, finetune_lr=finetune_lr, checkpoint_every=checkpoint_every,
-            activation_cache_mb=activation_cache_mb, target_top_k=target_top_k, positions=positions,
-            forget_factor=forget_factor,
-        )
     try:
-        path = run_build(model, data, out, cfg, device=device, show_progress=not quiet, reference_model=reference_model)
-    except (CorpusError, ConfigError, ModelMismatchError, FileNotFoundError) as e:
+        if config is not None:
+            cfg = BuildConfig.from_dict(json.loads(config.read_text()))
+        else:
+            if options["fit"] is not None and options["fit"] not in FIT_MODES:
+                raise ConfigError(f"--fit must be one of {', '.join(FIT_MODES)}, not {options['fit']!r}")
+            cfg = BuildConfig(**options)
+        path = run_build(model, data, out, cfg, device=device, show_progress=not quiet,
+                         reference_model=reference_model)
+    except (CorpusError, ConfigError, ModelMismatchError, FileNotFoundError, json.JSONDecodeError) as e:
         _fail(e)
     typer.echo(str(path))
+
+
+_fixed = [p for p in inspect.signature(build).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+build.__signature__ = inspect.Signature(_fixed + _config_options(BuildConfig))
+app.command()(build)
 
 
 @app.command()
@@ -135,7 +128,7 @@ def serve(
     store: Path = typer.Option(..., envvar="STRIDE_STORE", help="Operator store directory."),
     host: str = typer.Option("127.0.0.1", envvar="STRIDE_HOST"),
     port: int = typer.Option(8000, envvar="STRIDE_PORT"),
-    device: str | None = typer.Option(None, envvar="STRIDE_DEVICE", help="cpu, cuda ... [default: cuda]."),
+    device: str | None = typer.Option(None, envvar="STRIDE_DEVICE", help="cpu, cuda ... (default: cuda if present)."),
     redis_url: str | None = typer.Option(None, envvar="STRIDE_REDIS_URL", help="Result cache; unset: no cache."),
 ) -> None:
     """Serve the HTTP API (POST /v1/attribute ...); other settings come from STRIDE_* (see the README)."""
