@@ -129,3 +129,33 @@ def test_model_weights_are_untouched(setup) -> None:
     loss_drops(lm, ops, h, z, targets, first_order=True)
     after = lm.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_top_slice_over_the_whole_vocabulary_is_exact(setup) -> None:
+    lm, ops, h, z, targets = setup
+    V = lm.unembed.shape[0]
+    _, exact = loss_drops(lm, ops, h, z, targets, top_v=0)
+    _, whole = loss_drops(lm, ops, h, z, targets, top_v=V - 1, budget_elems=1000)  # the target fills slot V
+    torch.testing.assert_close(whole, exact, rtol=1e-4, atol=1e-5)
+    _, default = loss_drops(lm, ops, h, z, targets)  # small K T V d: exact by default
+    torch.testing.assert_close(default, exact)
+
+
+@pytest.mark.parametrize(("scale", "top_v", "max_rel", "min_spearman"), [(0.1, 4, 0.02, 0.995), (1.0, 4, 0.15, 0.98),
+                                                                         (1.0, 16, 0.1, 0.995)])
+def test_top_slice_error_against_exact(setup, scale: float, top_v: int, max_rel: float, min_spearman: float) -> None:
+    """The fast path's error, measured: the tail enters to first order, so the error shrinks with the
+    operators' strength and the slice's width. On this tiny GPT-2 (V = 33) it measured max relative
+    error 0.008 / 0.077 / 0.050 and Spearman 0.999 / 0.992 / 0.999 for the three cases, never worse
+    than the first-order drop (0.010 / 0.091 / 0.091); the bounds leave a margin."""
+    lm, ops, h, z, targets = setup
+    scaled = SteeringOperators(lm.hidden_size, RANK, K)
+    scaled.load_state_dict({**ops.state_dict(), "A": ops.A * scale})
+    _, exact = loss_drops(lm, scaled, h, z, targets, top_v=0)
+    _, fast = loss_drops(lm, scaled, h, z, targets, top_v=top_v)
+    _, linear = loss_drops(lm, scaled, h, z, targets, first_order=True)
+    rel = float((fast - exact).abs().max() / exact.abs().max())
+    ranks = [torch.argsort(torch.argsort(t.flatten())).float() for t in (fast, exact)]
+    spearman = float(torch.corrcoef(torch.stack(ranks))[0, 1])
+    assert rel <= max_rel and spearman >= min_spearman, f"rel {rel:.4f}, rho {spearman:.4f}"
+    assert (fast - exact).abs().max() <= (linear - exact).abs().max()
