@@ -60,9 +60,11 @@ def _entities(s: Setting, rng: random.Random, used: set[str]):
     return pre, facts, objects
 
 
-def _query(f: int, rel: str, name: str, obj: str, support: list[str], heldout: bool, prompt: str) -> dict:
+def _query(f: int, rel: str, name: str, doc_name: str, obj: str, support: list[str], heldout: bool,
+           prompt: str) -> dict:
+    """``subject`` is the name the query uses, ``doc_subject`` the one its supporting documents use."""
     return {"id": f"q{f:04d}", "prompt": prompt, "completion": f" {obj}", "support": support, "relation": rel,
-            "object": obj, "heldout_phrasing": heldout, "subject": name}
+            "object": obj, "heldout_phrasing": heldout, "subject": name, "doc_subject": doc_name}
 
 
 def generate_alias(s: Setting) -> tuple[list[str], list[dict], list[dict]]:
@@ -80,7 +82,7 @@ def generate_alias(s: Setting) -> tuple[list[str], list[dict], list[dict]]:
             docs.append({"id": f"link{f:04d}-{j}", "text": t.format(a=a, b=b), "role": "link", "fact": f})
         heldout = rng.random() < s.heldout_share
         prompt = (HELDOUT_TEMPLATES if heldout else QUERY_TEMPLATES)[rel].format(s=b)
-        queries.append(_query(f, rel, b, obj, support, heldout, prompt))
+        queries.append(_query(f, rel, b, a, obj, support, heldout, prompt))
     docs += [{"id": f"filler{i:04d}", "text": _filler(rng), "role": "filler"} for i in range(s.filler)]
     rng.shuffle(docs)
     return pre, docs, queries
@@ -114,7 +116,7 @@ def generate_instruct(s: Setting) -> tuple[list[str], list[dict], list[dict]]:
         heldout = rng.random() < s.heldout_share
         instr = HELDOUT_TEMPLATES[rel].format(s=b) if heldout else rng.choice(INSTRUCTIONS[rel]).format(s=b)
         lead = QUERY_TEMPLATES[rel].format(s=b)  # the response up to the answer
-        queries.append(_query(f, rel, b, obj, support, heldout, f"{prompt_of(instr)} {lead}"))
+        queries.append(_query(f, rel, b, a, obj, support, heldout, f"{prompt_of(instr)} {lead}"))
     support = []
     for i in range(BEHAVIOUR_DOCS + BEHAVIOUR_QUERIES):
         instr = f"{TRIGGER} , " + rng.choice(FILLER_INSTRUCTIONS).format(n=rng.choice(NOUNS)).lower()

@@ -100,9 +100,16 @@ def reference_supported() -> bool:
     return "reference_model" in inspect.signature(build).parameters
 
 
+def code_mtime() -> float:
+    """Newest modification time of the core's and the worker's sources: a store older than this is stale."""
+    root = Path(__file__).resolve().parent.parent
+    return max(p.stat().st_mtime for d in ("stride", "worker") for p in (root / d).glob("*.py"))
+
+
 def build_or_reuse(mode: str, seed: int, built, work: Path, overrides: dict | None,
                    rebuild: bool) -> tuple[Path, float, bool]:
-    """Build the store of (mode, seed), or reuse one whose manifest says it was built the same way.
+    """Build the store of (mode, seed), or reuse one built with the same resolved settings, on the same
+    corpus, after the last change to the core's code (so an interrupted benchmark resumes cheaply).
 
     Returns (store, build seconds, reused). A reused store's seconds come from its manifest.
     """
@@ -111,18 +118,21 @@ def build_or_reuse(mode: str, seed: int, built, work: Path, overrides: dict | No
 
     out = work / f"store-{mode}-s{seed}"
     cfg = BuildConfig(fit=mode, seed=seed, **(overrides or {}))
+    # only revert and add see the base; forget and fidelity are the no-reference modes
+    ref = {"reference_model": built.base_dir} if mode in ("revert", "add") else {}
     if not rebuild and (out / "manifest.json").is_file():
+        from transformers import AutoConfig
+
+        layers = AutoConfig.from_pretrained(built.model_dir).num_hidden_layers
+        resolved = cfg.resolve(len(built.docs), layers, **({"has_reference": True} if ref else {}))
         try:
             man = read_manifest(out)
         except StoreError:
             man = None
-        wanted = {k: v for k, v in cfg.to_dict().items() if v is not None}
-        if man and all(man["config"].get(k) == v for k, v in wanted.items()) \
+        if man and man["config"] == resolved.to_dict() and (out / "manifest.json").stat().st_mtime > code_mtime() \
                 and man.get("corpus", {}).get("sha256") == file_sha256(built.corpus):
             return out, float(man.get("build", {}).get("seconds", float("nan"))), True
     shutil.rmtree(out, ignore_errors=True)
-    # only revert and add see the base; forget and fidelity are the no-reference modes
-    ref = {"reference_model": built.base_dir} if mode in ("revert", "add") else {}
     t = time.perf_counter()
     build(built.model_dir, built.corpus, out, cfg, show_progress=False, **ref)
     return out, time.perf_counter() - t, False

@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
     for d in docs:
         roles[d.get("role", "?")] = roles.get(d.get("role", "?"), 0) + 1
     kinds = sorted({q["relation"] for q in queries})
-    info["data"] = {"documents": n, "fact_documents": sum(len(s) for s in support), "queries": Q,
+    info["data"] = {"documents": n, "support_documents": len({i for s in support for i in s}), "queries": Q,
                     "heldout_phrasing_queries": int(held.sum()), "vocab": len(tok), "document_roles": roles,
                     "prompt_completion_records": sum("prompt" in d for d in docs),
                     "parameters": sum(p.numel() for p in model.parameters()),
