@@ -16,7 +16,8 @@ Lasso alone on the issue 9 problem shape: K = 1000, d = 10, lambda = 0.2 lambda_
 nonzeros plus noise and dense-noise y, one thread, tol 1e-6 (gap / primal), each
 query alone and as a batch; and a written store's start-up in a fresh process: import, ``load_store``
 (sha256 verification included, as the service does), the solver's design, one solve; with its resident
-memory. ``run_scaling`` runs it at its ns, plus 10^7 when 10^6 is among them (``--quick`` stays small).
+memory (from n = 10^5). ``run_scaling`` runs it at its ns, plus 10^7 when 10^6 is among them
+(``--quick`` stays small: solves only, at 10^3 and 10^4, a few seconds).
 """
 
 from __future__ import annotations
@@ -243,13 +244,14 @@ def solver_scan(ns: list[int], K: int = 1000, d: int = 10, startup: bool = True,
         draw_s = time.perf_counter() - t
         reps = 3 if n <= 10**6 else 1
         row = {"n": n, "K": K, "memberships": d, "design_draw_s": draw_s, **solve_at(membership, reps)}
-        if startup:
+        if startup and n >= 10**5:  # a fresh process costs ~10 s of imports: skipped where load is trivial
             row["startup"] = startup_at(membership, K, d)
         p, z = row["planted"], row["noise"]
         log(f"  solver n={n:>9}: planted {p['ms_median']:.1f} ms (max {p['ms_max']:.1f}, gap {p['gap_max']:.1e}), "
             f"noise {z['ms_median']:.1f} ms (max {z['ms_max']:.1f}, gap {z['gap_max']:.1e}), batch "
             f"{row['batch_ms_per_query']:.1f} ms/query"
-            + (f"; ready {row['startup']['ready_s']:.2f} s, RSS {row['startup']['rss_mb']:.0f} MiB" if startup else ""))
+            + (f"; ready {row['startup']['ready_s']:.2f} s, RSS {row['startup']['rss_mb']:.0f} MiB"
+               if "startup" in row else ""))
         rows.append(row)
         del membership
     return rows
