@@ -424,6 +424,7 @@ def _gap(R, yc, off, lam, l1, maxg):  # pragma: no cover - compiled
 
 
 _pool: ThreadPoolExecutor | None = None
+_pool_size = 0
 
 
 def _threads() -> int:
@@ -435,12 +436,13 @@ def _threads() -> int:
 def _map(fn, items: list) -> list:
     """Full-pass blocks and per-query descent on a thread pool (the kernels release the GIL); inline
     with one thread."""
-    global _pool
+    global _pool, _pool_size
     workers = min(_threads(), len(items))
     if workers <= 1:
         return [fn(x) for x in items]
-    if _pool is None or _pool._max_workers < workers:
-        _pool = ThreadPoolExecutor(max_workers=max(workers, os.cpu_count() or 1), thread_name_prefix="stride-cd")
+    if _pool is None or _pool_size < workers:
+        _pool_size = max(workers, os.cpu_count() or 1)
+        _pool = ThreadPoolExecutor(max_workers=_pool_size, thread_name_prefix="stride-solve")
     return list(_pool.map(fn, items))
 
 
@@ -579,7 +581,7 @@ def solve(
         half = 0.5 * float(st.yc @ st.yc)
         # constant y, y_c orthogonal to every column, or lam >= lam_max: w = 0 exactly (descent could
         # leave a rounding-level weight at the column that sets lam_max)
-        if half <= 0.0 or g_max[q] <= 0.0 or lam_ratio >= 1.0:
+        if half <= 0.0 or g_max[q] <= 0.0 or lam_ratio >= 1.0 or nrm <= 0.0:  # nrm = 0: d = K, M_c = 0
             st.done, st.gap, st.primal = True, 0.0, half
             continue
         st.set_columns(_top(*found[q], size))
