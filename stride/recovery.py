@@ -395,7 +395,7 @@ def _cd(ids_w, w, yc, c, nrm, lam, tol_rel, max_epochs):  # pragma: no cover - c
                         for a in range(na):
                             hist[0, a] = w[active[a]]
                         filled = 1
-            if moved <= 1e-6 * big:
+            if moved <= 1e-3 * big:  # the support has settled: back to a full sweep and the gap
                 break
     return epochs, R, maxg
 
