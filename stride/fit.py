@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.profiler import record_function
 
 from stride.corpus import Corpus
 from stride.design import Membership
@@ -198,7 +199,8 @@ def step_loss(
     steered logits over the vocabulary are most of a step's cost.
     """
     uniq = torch.unique(torch.cat([step.fid_e, step.stab_e]))
-    feats = source.get(uniq)
+    with record_function("stride.features"):
+        feats = source.get(uniq)
     dev = feats.h.device
     gen = torch.Generator().manual_seed(step.seed)
 
@@ -217,8 +219,10 @@ def step_loss(
                 return t
             return torch.gather(t, 1, pick[..., None].expand(-1, -1, t.shape[-1]))
 
-        logits = lm.logits(sel(feats.z) + ops.shift(ops.project(sel(feats.h)), k.to(dev)))
-        kl = soft_kl(logits, sel(ids_of), sel(logq_of)) * weight
+        with record_function("stride.steered_logits"):
+            logits = lm.logits(sel(feats.z) + ops.shift(ops.project(sel(feats.h)), k.to(dev)))
+        with record_function("stride.kl"):
+            kl = soft_kl(logits, sel(ids_of), sel(logq_of)) * weight
         return (kl.sum(1) / valid.sum(1).clamp_min(1)).mean()
 
     fid = divergence(step.fid_e, step.fid_k, lambda r: feats.targets[r] != -100, feats.fid_ids, feats.fid_logq,
