@@ -176,8 +176,8 @@ def targets(info: dict) -> list[str]:
                 e5 = rr["Kronfluence EK-FAC"]["5"]["mean_rise"]
                 rows.append(("removal: STRIDE top-5 rise >= EK-FAC top-5 rise", f"{s5:.4f} vs {e5:.4f}", s5 >= e5))
             r5 = rr["Random documents"]["5"]["mean_rise"]
-            rows.append(("removal: STRIDE top-5 rise >= 3x 5 random documents'", f"{s5:.4f} vs 3 x {r5:.4f}",
-                         s5 >= 3 * r5))
+            rows.append(("removal: STRIDE top-5 rise >= 3x 5 random documents' (and above 0)",
+                         f"{s5:.4f} vs 3 x {r5:.4f}", s5 > 0 and s5 >= 3 * r5))
     if stride and name == "reference" and not info["setting"]["name"].endswith("quick"):
         sec = stride["precompute_s"]
         rows.append(("default-mode build time <= 885 s (the former default's, 2 cores)", f"{sec:.0f} s", sec <= 885))
@@ -210,10 +210,16 @@ def removal_section(rem: dict) -> list[str]:
     L.append("| removed | " + " | ".join(f"top-{k}: mean loss rise" for k in ks) + " |")
     L.append("|---|" + "---|" * len(ks))
     for name, per_k in rem["rows"].items():
-        L.append(f"| {name} | " + " | ".join(f"{per_k[k]['mean_rise']:.4f} ± {per_k[k]['sem']:.4f}"
-                                             + ("" if per_k[k]["queries"] == len(rem["queries"])
-                                                else f" ({per_k[k]['queries']} queries)")
-                                             if k in per_k else "—" for k in ks) + " |")
+        cells = []
+        for k in ks:
+            if k not in per_k:
+                cells.append("—")
+                continue
+            c = per_k[k]
+            used = c.get("queries", len(rem["queries"]))
+            cells.append(f"{c['mean_rise']:.4f} ± {c['sem']:.4f}"
+                         + ("" if used == len(rem["queries"]) else f" ({used} queries)"))
+        L.append(f"| {name} | " + " | ".join(cells) + " |")
     return L + [""]
 
 
@@ -261,8 +267,12 @@ def write_report(info: dict, out: Path) -> None:
              f"{d['documents']} documents ({roles}); {d['queries']} queries, {d['heldout_phrasing_queries']} of them "
              "phrased as no training document is. Attributed model: the base fine-tuned on the whole corpus (AdamW, "
              f"lr {s['lr']}, one-cycle schedule, batch {s['batch_size']}, {s['epochs']} epochs); its top-1 answer is "
-             f"right for {d['fact_top1_accuracy']:.0%} of the queries ({acc}). Ground truth: {gt['retrains']} "
-             f"retrains with the same recipe on random {s['subset_fraction']:.0%} subsets.\n")
+             f"right for {d['fact_top1_accuracy']:.0%} of the queries ({acc})"
+             + (f"; on the fact queries {d['top1_accuracy_alias_named']:.0%} as asked (alias) against "
+                f"{d['top1_accuracy_doc_named']:.0%} with the documents' name put in, which shows how much of the "
+                "alias link it learned" if "top1_accuracy_alias_named" in d else "")
+             + f". Ground truth: {gt['retrains']} retrains with the same recipe on random "
+             f"{s['subset_fraction']:.0%} subsets.\n")
     L.append("## Quality and cost per method\n")
     L.append("Rows over several design seeds show mean ± sample sd over the seeds (seeds in the notes); "
              "*LDS query sd* is the spread over queries.\n")
@@ -278,13 +288,18 @@ def write_report(info: dict, out: Path) -> None:
                  f"{_size(v['state_bytes'])} | {_f(v['p50_ms'], '.1f')} / {_f(v['p95_ms'], '.1f')} ms | "
                  f"{_f(v['peak_rss_mb'], '.0f')} MiB |")
     L.append("")
-    L.append("LDS by query phrasing (seen / held-out), recall@5 on held-out phrasings, and LDS on the tune split:\n")
-    L.append("| method | LDS seen phrasing | LDS held-out phrasing | recall@5 held-out | LDS tune split |")
-    L.append("|---|---|---|---|---|")
+    split = [("lds_mean_seen_phrasing", "LDS seen phrasing"), ("lds_mean_heldout_phrasing", "LDS held-out phrasing"),
+             ("recall@5_heldout_phrasing", "recall@5 held-out")]
+    if any("lds_mean_behaviour" in v for v in info["methods"].values()):
+        split += [("lds_mean_facts", "LDS fact queries"), ("lds_mean_behaviour", "LDS behaviour queries")]
+    split.append(("lds_mean_tune", "LDS tune split"))
+    L.append("LDS by query phrasing (seen / held-out), recall@5 on held-out phrasings"
+             + (", LDS of fact and behaviour queries" if len(split) > 4 else "") + " and LDS on the tune split:\n")
+    L.append("| method | " + " | ".join(h for _, h in split) + " |")
+    L.append("|---|" + "---|" * len(split))
     for mname, v in info["methods"].items():
         if "lds_mean" in v:
-            L.append(f"| {mname} | {_cell(v, 'lds_mean_seen_phrasing')} | {_cell(v, 'lds_mean_heldout_phrasing')} "
-                     f"| {_cell(v, 'recall@5_heldout_phrasing')} | {_cell(v, 'lds_mean_tune')} |")
+            L.append(f"| {mname} | " + " | ".join(_cell(v, k) for k, _ in split) + " |")
     L.append("")
     L.append("Notes on the columns:\n")
     L.append("- *LDS*: per query, Spearman over the retrains between the summed scores of the retrain's subset "

@@ -28,6 +28,7 @@ from bench.setting import SETTINGS, materialise
 
 HERE = Path(__file__).resolve().parent
 AGGREGATED = ("lds_mean", "lds_std", "lds_mean_tune", "lds_mean_seen_phrasing", "lds_mean_heldout_phrasing",
+              "lds_mean_facts", "lds_mean_behaviour",
               "recall@1", "recall@5", "mrr", "recall@5_heldout_phrasing", "precompute_s", "p50_ms", "p95_ms",
               "state_bytes", "peak_rss_mb")
 
@@ -83,12 +84,16 @@ def command(args: argparse.Namespace) -> str:
     return " ".join(parts)
 
 
-def evaluate(r: methods.Result, gt: dict, setting, support: list[list[int]], held: np.ndarray) -> dict:
+def evaluate(r: methods.Result, gt: dict, setting, support: list[list[int]], held: np.ndarray,
+             behaviour: np.ndarray) -> dict:
     """The quality columns of one row: LDS on the report split (and the tune split apart), recall, MRR."""
     entry = r.summary()
     if r.scores is None:
         return entry
     per_q = lds_split(r.scores, gt, setting, "report")
+    if behaviour.any():  # the planted behaviour's queries, apart from the facts'
+        entry["lds_mean_behaviour"] = float(per_q[behaviour].mean())
+        entry["lds_mean_facts"] = float(per_q[~behaviour].mean())
     entry.update({"lds_mean": float(per_q.mean()), "lds_std": float(per_q.std()),
                   "lds_mean_seen_phrasing": float(per_q[~held].mean()) if (~held).any() else None,
                   "lds_mean_heldout_phrasing": float(per_q[held].mean()) if held.any() else None,
@@ -163,6 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
     row = {d["id"]: i for i, d in enumerate(docs)}
     support = [[row[s] for s in q["support"]] for q in queries]
     held = np.array([q["heldout_phrasing"] for q in queries])
+    behaviour = np.array([q["relation"] == "behaviour" for q in queries])
     roles: dict[str, int] = {}
     for d in docs:
         roles[d.get("role", "?")] = roles.get(d.get("role", "?"), 0) + 1
@@ -175,6 +181,11 @@ def main(argv: list[str] | None = None) -> dict:
                     "top1_accuracy_by_relation": {k: top1_accuracy(model, tok, [q for q in queries
                                                                                 if q["relation"] == k]) for k in kinds},
                     "setting_build_seconds": built.seconds}
+    named = [q for q in queries if q.get("doc_subject")]
+    if named:  # does the model use the alias link? the same queries under the documents' name, for comparison
+        info["data"]["top1_accuracy_alias_named"] = top1_accuracy(model, tok, named)
+        info["data"]["top1_accuracy_doc_named"] = top1_accuracy(
+            model, tok, [{**q, "prompt": q["prompt"].replace(q["subject"], q["doc_subject"])} for q in named])
     log(f"data: {info['data']}")
 
     t = time.perf_counter()
@@ -250,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     groups: dict[str, list[dict]] = {}
     for r in results:
-        entry = evaluate(r, gt, setting, support, held)
+        entry = evaluate(r, gt, setting, support, held, behaviour)
         groups.setdefault(r.group or r.name, []).append(entry)
         log(f"{r.name}{'' if r.extra.get('seed') is None else ' seed ' + str(r.extra['seed'])}: "
             + ", ".join(f"{k}={v:.3g}" for k, v in entry.items()
