@@ -102,7 +102,9 @@ class Attributor:
         h, z = self.lm.features(batch, self.layer)
         sync()
         t_forward = time.perf_counter()
-        loss, Y = loss_drops(self.lm, self.ops, h, z, batch.targets.to(h.device), self.solver.first_order)
+        # top_v: the measurement's vocabulary slice (None: exact where cheap); read if SolverConfig has it
+        loss, Y = loss_drops(self.lm, self.ops, h, z, batch.targets.to(h.device), self.solver.first_order,
+                             top_v=getattr(self.solver, "top_v", None))
         sync()
         return loss, Y * self.sign, t_forward
 

@@ -55,7 +55,7 @@ def Y() -> torch.Tensor:
 
 def _attributor(fit: str, Y: torch.Tensor, monkeypatch) -> Attributor:
     """Queries are named "q0".."q3"; the stubbed measurement returns their columns of Y."""
-    def loss_drops(lm, ops, batch, z, targets, first_order=False):
+    def loss_drops(lm, ops, batch, z, targets, first_order=False, top_v=None):
         cols = [int(p[1:]) for p in batch.prompts]
         return torch.zeros(len(cols)), Y[:, cols]
 
