@@ -62,7 +62,7 @@ MODE_ROWS = {  # fit mode -> row name; the first is the default when a reference
     "fidelity": "STRIDE fidelity (no reference)",
     "finetune": "STRIDE finetune",
 }
-DEFAULT_MODE = "revert"
+DEFAULT_MODE = BuildConfig().resolve(1000, 2, has_reference=True).fit  # what `stride build` does by default
 
 
 def dense_w(sol) -> torch.Tensor:

@@ -41,11 +41,11 @@ class BuildConfig:
     lr: float = _arg(3e-3, "Adam learning rate.")
     stability_weight: float = _arg(10.0, "Weight of the KL stability term on non-members (README).")
     seed: int = _arg(0, "Seed of the design, the basis and every step's sampling.")
-    fit: FitMode | None = _arg(None, "revert | add (both need --reference-model) | forget | fidelity | finetune "
-                                     "(default: revert with a reference model, else fidelity).")
+    fit: FitMode | None = _arg(None, "forget | revert | add (both need --reference-model) | fidelity | finetune "
+                                     "(default: forget; README: Fit modes).")
     target_top_k: int = _arg(64, "Target tokens kept per position, plus one tail bucket (0: the whole vocabulary).")
-    positions: int = _arg(0, "Positions scored per example per step (0: all of them).")
-    forget_factor: float = _arg(0.1, "forget mode: the observed token's probability is scaled by this.")
+    positions: int = _arg(4, "Positions scored per example per step (0: all of them; README: defaults table).")
+    forget_factor: float = _arg(0.03, "forget mode: the observed token's probability is scaled by this.")
     token_weights: bool = _arg(False, "revert mode: weight positions by reference NLL - deployed NLL, floored at 0.")
     max_length: int = _arg(256, "Tokens per example (longer ones are cut).")
     activation_cache_mb: int = _arg(1024, "Cache frozen activations and targets up to this many MiB; stream beyond.")
@@ -87,7 +87,7 @@ class BuildConfig:
                               "normed state the operators steer")
         if self.memberships > k:
             raise ConfigError(f"memberships ({self.memberships}) exceeds num_subsets ({k})")
-        fit = self.fit or ("revert" if has_reference else "fidelity")
+        fit = self.fit or "forget"  # README, "Fit modes": it led on the tuning retrains, with or without a reference
         if fit in REFERENCE_MODES and not has_reference:
             raise ConfigError(f"fit mode {fit!r} needs a reference model (--reference-model: the checkpoint the "
                               "deployed model was fine-tuned from); without one use 'forget' or 'fidelity'")
@@ -106,9 +106,10 @@ class SolverConfig:
     """Lasso settings; part of the cache key, so results never mix settings."""
 
     lam_ratio: float = 0.2  # lambda = lam_ratio * lambda_max
-    max_iter: int = 500
-    tol: float = 1e-4  # stop when duality gap <= tol * 0.5 * ||y_c||^2
+    max_iter: int = 10_000  # coordinate-descent epochs per query; dense-noise y at K = 1000 needs up to ~770
+    tol: float = 1e-6  # stop when duality gap <= tol * primal objective (certified)
     first_order: bool = False  # linearised measurement for huge vocabularies
+    top_v: int | None = None  # measurement: vocabulary slice (None: exact when K*T*V*d <= 2^33, else 256; 0: exact)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

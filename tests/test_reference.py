@@ -68,10 +68,15 @@ def pair(tmp_path_factory) -> tuple[Path, Path, Path]:
             write_corpus(root / "corpus.jsonl", 40, prompt_every=5))
 
 
-def test_revert_is_the_default_with_a_reference(pair, tmp_path: Path) -> None:
+def test_forget_is_the_default_even_without_a_reference(pair) -> None:
+    assert BuildConfig().resolve(40, 2, has_reference=False).fit == "forget"
+    assert BuildConfig().resolve(40, 2, has_reference=True).fit == "forget"
+
+
+def test_revert_records_its_reference(pair, tmp_path: Path) -> None:
     deployed, reference, data = pair
-    store = build(deployed, data, tmp_path / "s", BuildConfig(**SMALL), device="cpu", show_progress=False,
-                  reference_model=reference)
+    store = build(deployed, data, tmp_path / "s", BuildConfig(fit="revert", **SMALL), device="cpu",
+                  show_progress=False, reference_model=reference)
     manifest = json.loads((store / "manifest.json").read_text())
     assert manifest["config"]["fit"] == "revert" and manifest["model"]["path"] == str(deployed.resolve())
     assert len(manifest["reference"]["sha256"]) == 64

@@ -81,7 +81,7 @@ def test_round_trip(assets, tmp_path: Path) -> None:
 
 def test_built_store_loads_and_matches_its_config(assets) -> None:
     st = load_store(assets["built"])
-    assert st.config.num_subsets == 16 and st.config.layer == 1 and st.config.steps == 10
+    assert st.config.num_subsets == 16 and st.config.layer == 0 and st.config.steps == 10
     assert st.operators.A.shape == (16, 4, 32)
     assert st.membership.num_subsets == 16 and st.membership.memberships == 3
     assert st.manifest["build"]["world_size"] == 1

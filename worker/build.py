@@ -81,7 +81,7 @@ def build(
     """Fit the operators of ``model_dir`` on ``data`` and write the store ``out``.
 
     ``reference_model`` is the checkpoint the deployed model was fine-tuned from (same tokenizer and
-    architecture). With it the default mode is ``revert``; in ``add`` mode it becomes the frozen
+    architecture); the ``revert`` and ``add`` modes need it. In ``add`` mode it becomes the frozen
     model the service runs (recorded in the manifest as the store's model).
     """
     t_start = time.perf_counter()

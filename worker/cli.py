@@ -48,8 +48,8 @@ def build(
     data: Path = typer.Option(..., help="JSONL corpus: {id?, text} or {id?, prompt, completion} per line."),
     out: Path = typer.Option(..., help="Store directory to write (replaced atomically)."),
     reference_model: Path | None = typer.Option(
-        None, help="The checkpoint MODEL was fine-tuned from (same tokenizer and architecture); enables the "
-                   "revert (the default with it) and add modes."),
+        None, help="The checkpoint MODEL was fine-tuned from (same tokenizer and architecture), for the "
+                   "revert and add fit modes."),
     device: str | None = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda if present)."),
     config: Path | None = typer.Option(None, help="JSON BuildConfig; the config options below are then ignored."),
     quiet: bool = typer.Option(False, help="No progress output."),
