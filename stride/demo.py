@@ -99,7 +99,8 @@ def build_tokenizer(texts: list[str]):
                                    bos_token="[BOS]", eos_token="[EOS]")
 
 
-def train_model(spec: DemoSpec, tokenizer, texts: list[str]):
+def initial_model(spec: DemoSpec, tokenizer):
+    """The demo model before training (seeded): the only earlier checkpoint a from-scratch model has."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(spec.seed)
@@ -108,7 +109,11 @@ def train_model(spec: DemoSpec, tokenizer, texts: list[str]):
         n_head=spec.n_head, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
     )
-    model = GPT2LMHeadModel(config)
+    return GPT2LMHeadModel(config)
+
+
+def train_model(spec: DemoSpec, tokenizer, texts: list[str]):
+    model = initial_model(spec, tokenizer)
     enc = [tokenizer(t)["input_ids"] for t in texts]
     width = max(map(len, enc))
     ids = torch.full((len(enc), width), tokenizer.pad_token_id)
@@ -144,7 +149,8 @@ def fact_accuracy(model, tokenizer, queries: list[dict]) -> float:
 
 
 def write_demo_assets(out: str | Path, spec: DemoSpec | None = None) -> dict:
-    """Write ``model/``, ``corpus.jsonl``, ``queries.jsonl`` and ``demo.json`` under ``out``."""
+    """Write ``model/``, ``base/`` (its untrained initialisation, a reference for the revert and add
+    modes), ``corpus.jsonl``, ``queries.jsonl`` and ``demo.json`` under ``out``."""
     spec = spec or DemoSpec()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -154,6 +160,8 @@ def write_demo_assets(out: str | Path, spec: DemoSpec | None = None) -> dict:
     model = train_model(spec, tokenizer, texts)
     model.save_pretrained(out / "model", safe_serialization=True)
     tokenizer.save_pretrained(out / "model")
+    initial_model(spec, tokenizer).save_pretrained(out / "base", safe_serialization=True)
+    tokenizer.save_pretrained(out / "base")
     (out / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
     (out / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
     summary = {"spec": spec.__dict__, "documents": len(docs), "facts": len(queries),

@@ -108,3 +108,12 @@ def test_a_mismatched_reference_is_refused(pair, tmp_path: Path) -> None:
     with pytest.raises(ModelMismatchError, match="hidden_size"):
         build(deployed, data, tmp_path / "s", BuildConfig(**SMALL), device="cpu", show_progress=False,
               reference_model=other)
+
+
+def test_demo_assets_keep_their_base(demo_dir: Path) -> None:
+    """The demo is trained from scratch: its base is the seeded initialisation, usable as a reference."""
+    from stride.model import check_same_family, weights_sha256
+
+    model, base = LM.load(demo_dir / "model", "cpu"), LM.load(demo_dir / "base", "cpu")
+    check_same_family(model, base, "demo/base")
+    assert weights_sha256(demo_dir / "base") != weights_sha256(demo_dir / "model")
