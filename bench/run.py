@@ -27,6 +27,8 @@ from bench.measure import PeakRSS, lds_split, planted_recall, split_rows
 from bench.setting import SETTINGS, materialise
 
 HERE = Path(__file__).resolve().parent
+REMOVAL_METHODS = {"kronfluence": "Kronfluence EK-FAC", "bm25": "BM25",
+                   "gradient-dot": "Gradient dot product (TracIn, final ckpt)"}
 AGGREGATED = ("lds_mean", "lds_std", "lds_mean_tune", "lds_mean_seen_phrasing", "lds_mean_heldout_phrasing",
               "lds_mean_facts", "lds_mean_behaviour",
               "recall@1", "recall@5", "mrr", "recall@5_heldout_phrasing", "precompute_s", "p50_ms", "p95_ms",
@@ -64,6 +66,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--removal", action="store_true", help="run the removal test (retrains; cached, resumable)")
     ap.add_argument("--removal-queries", type=int, default=30)
     ap.add_argument("--removal-k", default="5", help="comma-separated numbers of top proponents removed, e.g. 5,20")
+    ap.add_argument("--removal-methods", default=",".join(REMOVAL_METHODS),
+                    help="baselines whose top proponents are removed besides STRIDE's default row: "
+                         + ",".join(REMOVAL_METHODS))
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: on a shared 2-core "
                     "machine more threads oversubscribe and run tens of times slower)")
     return ap.parse_args(argv)
@@ -81,6 +86,8 @@ def command(args: argparse.Namespace) -> str:
         parts.append(f"--skip {args.skip}")
     if args.removal:
         parts.append(f"--removal --removal-queries {args.removal_queries} --removal-k {args.removal_k}")
+        if args.removal_methods != ",".join(REMOVAL_METHODS):
+            parts.append(f"--removal-methods {args.removal_methods}")
     return " ".join(parts)
 
 
@@ -272,7 +279,8 @@ def main(argv: list[str] | None = None) -> dict:
         t = time.perf_counter()
         from bench.removal import removal_test
 
-        picks = ("Kronfluence EK-FAC", "BM25", "Gradient dot product (TracIn, final ckpt)")
+        # each row costs one retrain per query and k: --removal-methods trims the baselines (STRIDE always runs)
+        picks = [REMOVAL_METHODS[m.strip()] for m in args.removal_methods.split(",") if m.strip()]
         scores = {f"{default.name} (seed {default.extra['seed']})": default.scores} if default else {}
         scores.update({r.name: r.scores for r in results if r.name in picks and r.scores is not None})
         ks = tuple(int(k) for k in args.removal_k.split(","))
