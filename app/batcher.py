@@ -1,9 +1,12 @@
 """Micro-batching: concurrent queries share one forward pass, one measurement and one Lasso solve.
 
-A single worker task drains a bounded queue: the first query waits at most ``max_wait_ms`` for
-company, up to ``max_batch`` queries go to ``Attributor.attribute_batch`` on a one-thread executor
-(the event loop keeps answering ``/healthz`` meanwhile), and queries that arrive during a batch
-form the next one. A full queue refuses at once (503), a query past its deadline is dropped (504).
+A single worker task drains a bounded queue: up to ``max_batch`` queries go to
+``Attributor.attribute_batch`` on a one-thread executor (the event loop keeps answering ``/healthz``
+meanwhile), and queries that arrive during a batch form the next one. The first query waits at most
+``max_wait_ms`` for company, and only while the batch holds fewer queries than were in flight at once
+since the last batch started (clients just answered are likely to come back): a lone client never
+waits, a crowd fills its batches. A full queue refuses at once (503), a query past its deadline is
+dropped (504).
 """
 
 from __future__ import annotations
@@ -46,12 +49,16 @@ class Job:
 
 
 class MicroBatcher:
-    def __init__(self, run: RunBatch, *, max_batch: int, max_wait_ms: float, queue_max: int):
+    def __init__(self, run: RunBatch, *, max_batch: int, max_wait_ms: float, queue_max: int,
+                 initializer: Callable[[], object] | None = None):
         self._run = run
         self.max_batch, self.max_wait = max_batch, max_wait_ms / 1e3
+        self._inflight = 0  # submitted, not yet answered
+        self._peak = 0  # most in flight at once since the last batch started: what the next one waits for
         self._queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=queue_max)
         self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stride-model")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stride-model",
+                                            initializer=initializer)
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -83,6 +90,8 @@ class MicroBatcher:
             metrics.REJECTED.labels("queue_full").inc()
             raise Overloaded(f"{self._queue.maxsize} queries are already waiting") from None
         metrics.QUEUE_DEPTH.set(self._queue.qsize())
+        self._inflight += 1
+        self._peak = max(self._peak, self._inflight)
         self._wakeup.set()
         try:
             return await asyncio.wait_for(asyncio.shield(job.future), timeout)
@@ -90,16 +99,19 @@ class MicroBatcher:
             job.abandoned = True
             metrics.REJECTED.labels("deadline").inc()
             raise DeadlineExceeded(f"no answer within {timeout:g} s") from None
+        finally:
+            self._inflight -= 1
 
     async def _collect(self) -> list[Job]:
         batch = [await self._queue.get()]
         loop = asyncio.get_running_loop()
         end = loop.time() + self.max_wait
+        want = min(self.max_batch, max(1, self._peak))
         while len(batch) < self.max_batch:
             while len(batch) < self.max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             remaining = end - loop.time()
-            if len(batch) >= self.max_batch or remaining <= 0:
+            if len(batch) >= want or remaining <= 0:
                 break
             self._wakeup.clear()
             try:  # an Event wait is safe to time out; a Queue.get might lose an item
@@ -107,6 +119,7 @@ class MicroBatcher:
             except TimeoutError:
                 pass
         metrics.QUEUE_DEPTH.set(self._queue.qsize())
+        self._peak = self._inflight
         return batch
 
     async def _loop(self) -> None:

@@ -78,7 +78,8 @@ class ResultCache:
     async def _call(self, op: Awaitable[T]) -> T:
         return await asyncio.wait_for(op, self.timeout)
 
-    async def get(self, key: str) -> dict[str, Any] | None:
+    async def get(self, key: str) -> bytes | None:
+        """The cached JSON object, as stored (checked to parse, returned unparsed)."""
         if not self.breaker.allow():
             metrics.CACHE.labels("skipped").inc()
             return None
@@ -93,18 +94,20 @@ class ResultCache:
             metrics.CACHE.labels("miss").inc()
             return None
         try:
-            value = json.loads(raw)
+            if not isinstance(json.loads(raw), dict):
+                raise ValueError("not a JSON object")
         except ValueError:
             metrics.CACHE.labels("error").inc()
             return None
         metrics.CACHE.labels("hit").inc()
-        return value
+        return bytes(raw)
 
-    async def set(self, key: str, value: dict[str, Any]) -> None:
+    async def set(self, key: str, value: bytes) -> None:
+        """``value``: a JSON object, encoded."""
         if not self.breaker.allow():
             return
         try:
-            await self._call(self._redis.set(key, json.dumps(value, separators=(",", ":")), ex=self.ttl_s))
+            await self._call(self._redis.set(key, value, ex=self.ttl_s))
         except (RedisError, OSError, TimeoutError) as e:
             self.breaker.failure(e)
             metrics.CACHE_WRITES.labels("error").inc()

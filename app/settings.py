@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     batch_max_size: int = Field(32, ge=1, description="Queries coalesced into one forward pass and solve.")
     batch_max_wait_ms: float = Field(5.0, ge=0, description="How long the first query waits for company.")
     queue_max: int = Field(256, ge=1, description="Queued queries beyond which requests get 503.")
+    torch_threads: int = Field(0, ge=0, description="Intra-op threads of the model thread on CPU (process-wide); "
+                               "0 leaves torch's default, one per core.")
     request_timeout_s: float = Field(30.0, gt=0, description="Deadline per request; past it, 504.")
     retry_after_s: int = Field(1, ge=1)
 

@@ -336,6 +336,28 @@ def test_32_concurrent_equal_sequential(attributor: Attributor, demo_store: Path
     run(go())
 
 
+def test_lone_query_does_not_wait_for_company(attributor: Attributor, demo_store: Path, queries: list) -> None:
+    """With one client the batcher dispatches at once: a wait for company longer than the deadline
+    would turn every lone query into a 504."""
+    async def go() -> None:
+        async with serve(attributor, demo_store, batch_max_wait_ms=600_000, request_timeout_s=30) as c:
+            for q in queries[:3]:
+                r = await c.post("/v1/attribute", json=q)
+                assert r.status_code == 200, r.text
+
+    run(go())
+
+
+def test_model_threads() -> None:
+    import torch
+
+    from app.engine import model_threads
+
+    assert model_threads(0, torch.device("cpu")) is None  # torch's own setting
+    assert model_threads(3, torch.device("cpu")) == 3
+    assert model_threads(3, torch.device("cuda")) is None
+
+
 def test_identical_concurrent_requests_computed_once(attributor: Attributor, demo_store: Path,
                                                      queries: list) -> None:
     async def go() -> None:
