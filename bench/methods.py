@@ -55,7 +55,7 @@ def records(queries: list[dict]) -> list[Record]:
 
 # ---------------------------------------------------------------- STRIDE
 
-MODE_ROWS = {  # fit mode -> row name; the first is the default when a reference exists
+MODE_ROWS = {  # fit mode -> row name (DEFAULT_MODE below is what `stride build` picks)
     "revert": "STRIDE revert (reference = base)",
     "add": "STRIDE add (reference = base)",
     "forget": "STRIDE forget (no reference)",
