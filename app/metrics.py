@@ -23,8 +23,8 @@ BATCH_SIZE = Histogram("stride_batch_size", "Queries per forward pass and solve.
                        buckets=(1, 2, 4, 8, 16, 32, 64, 128))
 BATCH_SECONDS = Histogram("stride_batch_duration_seconds", "Model work per batch (forward + measure + solve).",
                           registry=REGISTRY, buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
-SOLVER_ITERATIONS = Histogram("stride_solver_iterations", "FISTA iterations per batched solve.",
-                              registry=REGISTRY, buckets=(10, 20, 50, 100, 200, 300, 500, 1000, 2000))
+SOLVER_ITERATIONS = Histogram("stride_solver_iterations", "Coordinate-descent epochs of each query's Lasso solve.",
+                              registry=REGISTRY, buckets=(10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000))
 QUEUE_DEPTH = Gauge("stride_queue_depth", "Queries waiting for a batch.", registry=REGISTRY)
 REJECTED = Counter("stride_rejected_total", "Queries refused: queue_full or deadline.", ["reason"],
                    registry=REGISTRY)

@@ -40,7 +40,7 @@ class ScoredExample(BaseModel):
 
 class Diagnostics(BaseModel):
     nonzeros: int = Field(..., description="Examples with a nonzero Lasso weight.")
-    iterations: int = Field(..., description="FISTA iterations of the (batched) solve.")
+    iterations: int = Field(..., description="Coordinate-descent epochs of this query's Lasso solve.")
     gap: float = Field(..., description="Final duality gap relative to 1/2 ||y_c||^2.")
     converged: bool
     # solver-side extras, useful when a result looks odd
