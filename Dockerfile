@@ -24,6 +24,10 @@ COPY stride stride
 COPY worker worker
 COPY app app
 RUN pip install . && pip check
+# compile the numba solver once into the installed package's cache, so a fresh container's first query
+# does not pay it (20-50 s on 2 cores); the runtime image is read-only in deploy/
+RUN python -c "import torch; from stride.design import random_design; from stride.recovery import SparseDesign, solve; \
+    solve(SparseDesign(random_design(64, 16, 2, 0)), torch.randn(16, 1))"
 
 FROM ${BASE} AS runtime
 ENV DEBIAN_FRONTEND=noninteractive
