@@ -73,6 +73,15 @@ def test_forget_is_the_default_even_without_a_reference(pair) -> None:
     assert BuildConfig().resolve(40, 2, has_reference=True).fit == "forget"
 
 
+def test_a_reference_the_mode_does_not_use_is_not_recorded(pair, tmp_path: Path, caplog) -> None:
+    deployed, reference, data = pair
+    store = build(deployed, data, tmp_path / "s", BuildConfig(**SMALL), device="cpu", show_progress=False,
+                  reference_model=reference)
+    manifest = json.loads((store / "manifest.json").read_text())
+    assert manifest["config"]["fit"] == "forget" and "reference" not in manifest
+    assert "does not use the reference model" in caplog.text
+
+
 def test_revert_records_its_reference(pair, tmp_path: Path) -> None:
     deployed, reference, data = pair
     store = build(deployed, data, tmp_path / "s", BuildConfig(fit="revert", **SMALL), device="cpu",

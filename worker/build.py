@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from stride.config import BuildConfig
+from stride.config import REFERENCE_MODES, BuildConfig
 from stride.corpus import Corpus, file_sha256
 from stride.design import Membership, random_design
 from stride.fit import (
@@ -99,6 +99,10 @@ def build(
         ref = LM.load(reference_model, dev, config.max_length)
         check_same_family(lm, ref, str(reference_model))
     cfg = config.resolve(len(corpus), lm.num_layers, has_reference=ref is not None)
+    if ref is not None and cfg.fit not in REFERENCE_MODES:
+        log.warning("build: fit mode %s does not use the reference model %s (README: Fit modes); pass --fit revert "
+                    "or --fit add to use it", cfg.fit, reference_model)
+        ref = None
     model_sha = weights_sha256(model_dir)
     ref_sha = weights_sha256(reference_model) if ref is not None else None
     frozen = (model_dir, model_sha)
