@@ -59,8 +59,11 @@ class World:
         if self.size > 1:
             for p in params:
                 if p.grad is not None:
-                    if p.grad.is_sparse:  # each rank touched other rows; NCCL has no sparse all-reduce
-                        p.grad = p.grad.to_dense()
+                    if p.grad.is_sparse:
+                        # each rank touched its own rows: gloo sums them sparse (the dense 16 MiB operator
+                        # gradient made a 2-process CPU build slower than one process); NCCL has no sparse
+                        # all-reduce
+                        p.grad = p.grad.coalesce() if dist.get_backend() == "gloo" else p.grad.to_dense()
                     dist.all_reduce(p.grad)
                     p.grad /= self.size
 
