@@ -68,10 +68,9 @@ def measurements(b: Built, K: int, d: int, seed: int, cache_root: Path, steps: i
 
 def ceiling_scores(m: dict, lam_ratio: float) -> tuple[torch.Tensor, dict]:
     """(Q, n) Lasso scores from the exact measurements, with the core's solver, and its diagnostics."""
-    from bench.methods import dense_w
     from stride.recovery import SparseDesign, solve
 
     sol = solve(SparseDesign(m["membership"]), m["Y"], lam_ratio)
-    w = dense_w(sol).T.float()
+    w = sol.dense().T
     return w, {"lam_ratio": lam_ratio, "converged_share": float(sol.converged.float().mean()),
                "mean_nonzeros": float((w != 0).sum(1).float().mean())}

@@ -2,13 +2,12 @@
 
 Each returns a ``Result``: the full score matrix (Q, n) (positive = proponent), its precompute wall
 time, the size of the state it keeps, per-query latencies after warm-up and the peak RSS growth.
-STRIDE is used through the core (``worker.build.build`` and the pieces of ``Attributor``);
+STRIDE is used through the core (``worker.build.build`` and ``Attributor.score_matrix``);
 Kronfluence through its published Task/Analyzer API.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import shutil
@@ -25,9 +24,7 @@ from bench.measure import PeakRSS, dir_bytes, percentiles, time_calls
 from bench.setting import doc_record, doc_text
 from stride.config import BuildConfig, Query
 from stride.corpus import Record, file_sha256
-from stride.measure import loss_drops
 from stride.model import LM
-from stride.recovery import solve
 
 
 @dataclass
@@ -63,41 +60,6 @@ MODE_ROWS = {  # fit mode -> row name (DEFAULT_MODE below is what `stride build`
     "finetune": "STRIDE finetune",
 }
 DEFAULT_MODE = BuildConfig().resolve(1000, 2, has_reference=True).fit  # what `stride build` does by default
-
-
-def dense_w(sol) -> torch.Tensor:
-    """(n, Q) scores from a ``stride.recovery.Solution``, whichever of its two interfaces is installed."""
-    return sol.dense() if hasattr(sol, "dense") else sol.w
-
-
-def stride_scores(attr, queries: list[dict], chunk: int = 32) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Full score vectors w (Q, n) via the core's pieces, plus the no-solve scores M_c^T y_c."""
-    if hasattr(attr, "score_matrix"):  # the core's own full-matrix path, when it has one
-        return attr.score_matrix([Query(q["prompt"], q["completion"]) for q in queries])
-    ws, raw, conv, nnz, iters = [], [], [], [], []
-    with torch.no_grad():
-        for s in range(0, len(queries), chunk):
-            batch = attr.lm.encode(records(queries[s : s + chunk]))
-            h, z = attr.lm.features(batch, attr.layer)
-            _, Y = loss_drops(attr.lm, attr.ops, h, z, batch.targets.to(h.device), attr.solver.first_order)
-            Y = Y * attr.store.config.measurement_sign  # leave-out modes measure L_k - L: same sign convention
-            sol = solve(attr.design, Y, attr.solver.lam_ratio, attr.solver.max_iter, attr.solver.tol)
-            w = dense_w(sol)
-            ws.append(w.T.float().cpu())
-            raw.append(attr.design.rmatvec(Y - Y.mean(0)).T.float().cpu())
-            conv.append(sol.converged.float().cpu())
-            nnz.append((w != 0).sum(0).float().cpu())
-            iters.append(sol.iterations)
-    diag = {"converged_share": float(torch.cat(conv).mean()), "mean_nonzeros": float(torch.cat(nnz).mean()),
-            "max_iterations": int(max(iters))}
-    return torch.cat(ws), torch.cat(raw), diag
-
-
-def reference_supported() -> bool:
-    """Whether the installed worker builds against a reference checkpoint (revert/add/forget modes)."""
-    from worker.build import build
-
-    return "reference_model" in inspect.signature(build).parameters
 
 
 def code_mtime() -> float:
@@ -144,13 +106,10 @@ def run_stride(mode: str, seed: int, built, work: Path, queries: list[dict], tim
     from stride.query import Attributor
 
     name = MODE_ROWS[mode]
-    if mode in ("revert", "add", "forget") and not reference_supported():
-        return [Result(name, status="not run: the installed worker.build has no reference_model / fit modes yet",
-                       group=name)]
     with PeakRSS() as mem:
         out, pre, reused = build_or_reuse(mode, seed, built, work, build_overrides, rebuild)
         attr = Attributor.from_store(out)
-        w, raw, diag = stride_scores(attr, queries)
+        w, raw, diag = attr.score_matrix([Query(q["prompt"], q["completion"]) for q in queries])
         lat = time_calls(lambda q: attr.attribute_batch([Query(q["prompt"], q["completion"])], 10, False), timed)
     parts = {k: [] for k in ("forward", "measure", "solve")}
     for q in timed[:10]:
