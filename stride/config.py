@@ -55,6 +55,10 @@ class BuildConfig:
     ridge: float = _arg(1e-2, "finetune mode: ridge of the closed-form operator fit.")
     checkpoint_every: int = _arg(200, "Steps between checkpoints.")
 
+    def __post_init__(self) -> None:
+        if self.fit is not None and self.fit not in FIT_MODES:  # from the CLI, a JSON config or a manifest
+            raise ConfigError(f"--fit must be one of {', '.join(FIT_MODES)}, not {self.fit!r} (config field 'fit')")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -91,8 +95,6 @@ class BuildConfig:
         if fit in REFERENCE_MODES and not has_reference:
             raise ConfigError(f"fit mode {fit!r} needs a reference model (--reference-model: the checkpoint the "
                               "deployed model was fine-tuned from); without one use 'forget' or 'fidelity'")
-        if fit not in FIT_MODES:
-            raise ConfigError(f"fit mode {fit!r} is not one of {', '.join(FIT_MODES)}")
         return dataclasses.replace(self, num_subsets=k, steps=steps, layer=layer, fit=fit)
 
 

@@ -56,7 +56,7 @@ def build(
     **options,
 ) -> None:
     """Learn the steering operators for a model and corpus; write an operator store."""
-    from stride.config import FIT_MODES, ConfigError
+    from stride.config import ConfigError
     from stride.corpus import CorpusError
     from stride.model import ModelMismatchError
     from worker.build import build as run_build
@@ -66,8 +66,6 @@ def build(
         if config is not None:
             cfg = BuildConfig.from_dict(json.loads(config.read_text()))
         else:
-            if options["fit"] is not None and options["fit"] not in FIT_MODES:
-                raise ConfigError(f"--fit must be one of {', '.join(FIT_MODES)}, not {options['fit']!r}")
             cfg = BuildConfig(**options)
         path = run_build(model, data, out, cfg, device=device, show_progress=not quiet,
                          reference_model=reference_model)
