@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.profiler import record_function
 
+from stride.config import BuildConfig
 from stride.corpus import Corpus
 from stride.design import Membership
 from stride.model import LM
@@ -51,10 +52,16 @@ class Targets:
     """
 
     mode: str
-    top_k: int = 64
+    top_k: int = BuildConfig.target_top_k
     reference: LM | None = None
-    forget_factor: float = 0.1
-    token_weights: bool = False  # revert: weight positions by how much training lowered their NLL
+    forget_factor: float = BuildConfig.forget_factor
+    token_weights: bool = BuildConfig.token_weights  # revert: weight positions by how much training lowered NLL
+
+    @classmethod
+    def of(cls, cfg: BuildConfig, reference: LM | None) -> Targets:
+        """The targets a resolved build config asks for; ``reference`` is used by revert only."""
+        return cls(cfg.fit, cfg.target_top_k, reference if cfg.fit == "revert" else None, cfg.forget_factor,
+                   cfg.token_weights)
 
 
 def compress(logp: Tensor, top_k: int) -> tuple[Tensor, Tensor]:

@@ -57,15 +57,22 @@ class ModelMismatchError(ValueError):
     """Two models that must share tokenizer and architecture do not; the message says what differs."""
 
 
-def check_same_family(deployed: LM, reference: LM, where: str) -> None:
-    """A reference checkpoint must tokenise and shape activations exactly as the deployed model does."""
-    a, b = deployed.model.config, reference.model.config
+def check_same_family(deployed: LM, reference_dir: str | Path) -> None:
+    """A reference checkpoint must tokenise and shape activations exactly as the deployed model does.
+
+    Reads only the reference's config and tokenizer, so a mismatch is refused before any weights load.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    if not (Path(reference_dir) / "config.json").is_file():
+        raise FileNotFoundError(f"{reference_dir}: not a Hugging Face model directory (no config.json)")
+    a, b = deployed.model.config, AutoConfig.from_pretrained(reference_dir)
     for field in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers"):
         if getattr(a, field, None) != getattr(b, field, None):
-            raise ModelMismatchError(f"{where}: {field} is {getattr(b, field, None)!r}, the deployed model's is "
-                                     f"{getattr(a, field, None)!r}; the reference must be the same architecture")
-    if deployed.tokenizer.get_vocab() != reference.tokenizer.get_vocab():
-        raise ModelMismatchError(f"{where}: its tokenizer's vocabulary differs from the deployed model's")
+            raise ModelMismatchError(f"{reference_dir}: {field} is {getattr(b, field, None)!r}, the deployed model's "
+                                     f"is {getattr(a, field, None)!r}; the reference must be the same architecture")
+    if deployed.tokenizer.get_vocab() != AutoTokenizer.from_pretrained(reference_dir).get_vocab():
+        raise ModelMismatchError(f"{reference_dir}: its tokenizer's vocabulary differs from the deployed model's")
 
 
 class LM:

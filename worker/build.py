@@ -97,15 +97,15 @@ def build(
     world = World.from_env(dev)
     corpus = Corpus.scan(data)
     lm = LM.load(model_dir, dev, config.max_length)
+    cfg = config.resolve(len(corpus), lm.num_layers, has_reference=reference_model is not None)
     ref = None
     if reference_model is not None:
-        ref = LM.load(reference_model, dev, config.max_length)
-        check_same_family(lm, ref, str(reference_model))
-    cfg = config.resolve(len(corpus), lm.num_layers, has_reference=ref is not None)
-    if ref is not None and cfg.fit not in REFERENCE_MODES:
-        log.warning("build: fit mode %s does not use the reference model %s (README: Fit modes); pass --fit revert "
-                    "or --fit add to use it", cfg.fit, reference_model)
-        ref = None
+        check_same_family(lm, reference_model)
+        if cfg.fit in REFERENCE_MODES:  # its weights load only when the mode uses them
+            ref = LM.load(reference_model, dev, config.max_length)
+        else:
+            log.warning("build: fit mode %s does not use the reference model %s (README: Fit modes); pass --fit "
+                        "revert or --fit add to use it", cfg.fit, reference_model)
     model_sha = weights_sha256(model_dir)
     ref_sha = weights_sha256(reference_model) if ref is not None else None
     frozen = (model_dir, model_sha)
@@ -121,9 +121,7 @@ def build(
     log.info("build: n=%d K=%d d=%d rank=%d layer=%d mode=%s steps=%d device=%s world=%d",
              len(corpus), cfg.num_subsets, cfg.memberships, cfg.rank, cfg.layer, cfg.fit,
              cfg.steps, dev, world.size)
-    targets = Targets(cfg.fit, cfg.target_top_k, ref if cfg.fit == "revert" else None, cfg.forget_factor,
-                      cfg.token_weights)
-    source = FeatureSource(lm, corpus, cfg.layer, cfg.activation_cache_mb, targets)
+    source = FeatureSource(lm, corpus, cfg.layer, cfg.activation_cache_mb, Targets.of(cfg, ref))
     ops = SteeringOperators(lm.hidden_size, cfg.rank, cfg.num_subsets)
     sample = torch.randperm(len(corpus), generator=torch.Generator().manual_seed(cfg.seed))[:BASIS_SAMPLE]
     feats = source.get(sample.sort().values)
