@@ -29,6 +29,8 @@ class Attributor:
         self.design = SparseDesign(store.membership, lm.device)  # O(n d): no sort, no power iteration
         # +1: y_k = L(q) - L_k(q); -1 for stores whose operators remove subset k ("revert", "forget")
         self.sign = float(store.config.measurement_sign)
+        # timings must wait for the device's queued work
+        self._sync = torch.cuda.synchronize if lm.device.type == "cuda" else (lambda: None)
 
     @classmethod
     def from_store(
@@ -64,9 +66,8 @@ class Attributor:
         query's answer is the same as it would be alone."""
         if not queries:
             return []
-        sync = torch.cuda.synchronize if self.lm.device.type == "cuda" else (lambda: None)
         t0 = time.perf_counter()
-        loss, Y, t1 = self._measure(queries, sync)
+        loss, Y, t1 = self._measure(queries)
         t2 = time.perf_counter()
         sol = self._solve(Y)
         t3 = time.perf_counter()
@@ -93,19 +94,18 @@ class Attributor:
             a.timing_ms = dict(timing)
         return out
 
-    def _measure(self, queries: list[Query], sync) -> tuple[torch.Tensor, torch.Tensor, float]:
+    def _measure(self, queries: list[Query]) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Query losses (Q,) and signed measurements Y (K, Q), and when the forward pass ended."""
         records = [Record("query", q.prompt if q.completion else "", q.completion or q.prompt) for q in queries]
         batch = self.lm.encode(records)
         if bool((batch.scored.sum(1) == 0).any()):
             raise ValueError("each query needs at least one scored token: a longer prompt or a completion")
         h, z = self.lm.features(batch, self.layer)
-        sync()
+        self._sync()
         t_forward = time.perf_counter()
-        # top_v: the measurement's vocabulary slice (None: exact where cheap); read if SolverConfig has it
         loss, Y = loss_drops(self.lm, self.ops, h, z, batch.targets.to(h.device), self.solver.first_order,
-                             top_v=getattr(self.solver, "top_v", None))
-        sync()
+                             top_v=self.solver.top_v)
+        self._sync()
         return loss, Y * self.sign, t_forward
 
     def _solve(self, Y: torch.Tensor) -> Solution:
@@ -119,10 +119,9 @@ class Attributor:
         signed measurements, no sparse recovery), and diagnostics: converged_share, mean_nonzeros,
         max_iterations. O(Q n) memory; the service never calls it.
         """
-        sync = torch.cuda.synchronize if self.lm.device.type == "cuda" else (lambda: None)
         ws, raw, conv, nnz, iters = [], [], [], [], []
         for s in range(0, len(queries), chunk):
-            _, Y, _ = self._measure(queries[s : s + chunk], sync)
+            _, Y, _ = self._measure(queries[s : s + chunk])
             sol = self._solve(Y)
             ws.append(sol.dense(torch.float32).T)
             Yd = Y.detach().cpu().double()
