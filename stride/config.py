@@ -47,6 +47,9 @@ class BuildConfig:
     positions: int = _arg(4, "Positions scored per example per step (0: all of them; README: defaults table).")
     forget_factor: float = _arg(0.03, "forget mode: the observed token's probability is scaled by this.")
     token_weights: bool = _arg(False, "revert mode: weight positions by reference NLL - deployed NLL, floored at 0.")
+    linearity_weight: float = _arg(0.0, "Weight of the linearity term: probe texts' subset effects should add up "
+                                        "over examples (METHOD.md; README: defaults table).")
+    linearity_probes: int = _arg(4, "Probe examples of the linearity term per step.")
     max_length: int = _arg(256, "Tokens per example (longer ones are cut).")
     activation_cache_mb: int = _arg(1024, "Cache frozen activations and targets up to this many MiB; stream beyond.")
     finetune_steps: int = _arg(4, "finetune mode: optimiser steps per subset.")

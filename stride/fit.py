@@ -190,22 +190,68 @@ def sample_step(membership: Membership, batch_size: int, members: int, gen: torc
     return Step(ks, rows.reshape(-1), fid_e.reshape(-1), rows[ok], stab_e[ok], seed)
 
 
+def _select(t: Tensor, rows: Tensor, pick: Tensor | None) -> Tensor:
+    """Rows of a (E, T, ...) feature, then (when sampling) the picked positions of each."""
+    t = t[rows]
+    if pick is None:
+        return t
+    return torch.gather(t, 1, pick if t.dim() == 2 else pick[..., None].expand(-1, -1, t.shape[-1]))
+
+
 def _positions(valid: Tensor, count: int, gen: torch.Generator) -> Tensor:
     """Up to ``count`` random valid positions per row, as a (P, count) index (invalid ones repeat 0)."""
     score = torch.rand(valid.shape, generator=gen).to(valid.device) + valid.float()
     return score.topk(min(count, valid.shape[1]), dim=1).indices
 
 
+@dataclass
+class Linearity:
+    """The optional linearity term of METHOD.md: subset effects on probe texts should add up.
+
+    On each step's sampled subsets S and a few random probe examples, the effects y_k = L_k(p) - L(p)
+    are regressed (ridge, with intercept) on the subsets' sketched membership M_S R (R: n x q Gaussian);
+    the term is the residual's share of the centred effects, so it is scale-free and cannot be met
+    by shrinking every operator.
+    """
+
+    sketch: Tensor  # (K, q): row k sums the sketch rows R[i] of subset k's members
+    num_examples: int
+    weight: float
+    probes: int
+    ridge: float = 1e-3  # relative to the sketch Gram matrix's mean diagonal
+
+    @classmethod
+    def of(cls, membership: Membership, weight: float, probes: int, seed: int, width: int = 16) -> Linearity:
+        R = torch.randn(membership.num_examples, width, generator=torch.Generator().manual_seed(seed + 2))
+        rows = torch.repeat_interleave(torch.arange(membership.num_subsets), membership.sizes())
+        sketch = torch.zeros(membership.num_subsets, width).index_add_(0, rows, R[membership.col.long()])
+        return cls(sketch, membership.num_examples, weight, probes)
+
+
+def ridge_residual_share(Y: Tensor, X: Tensor, ridge: float) -> Tensor:
+    """||Y_c - X_c B||^2 / ||Y_c||^2 for the ridge fit B of centred Y (S, P) on centred X (S, q)."""
+    Yc, Xc = Y - Y.mean(0), X - X.mean(0)
+    gram = Xc.T @ Xc
+    gram = gram + ridge * gram.diagonal().mean().clamp_min(1e-12) * torch.eye(X.shape[1], device=X.device)
+    res = Yc - Xc @ torch.linalg.solve(gram, Xc.T @ Yc)
+    return (res**2).sum() / (Yc**2).sum().clamp_min(1e-12)
+
+
 def step_loss(
     ops: SteeringOperators, lm: LM, source: FeatureSource, step: Step, stability_weight: float,
-    positions: int = 0,
+    positions: int = 0, linearity: Linearity | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """Fidelity toward each subset's targets on its members plus KL stability on examples outside it.
+    """Fidelity toward each subset's targets on its members plus KL stability on examples outside it
+    (plus the linearity term when given a positive weight).
 
     ``positions`` > 0 scores that many random positions per example instead of all of them: the
     steered logits over the vocabulary are most of a step's cost.
     """
-    uniq = torch.unique(torch.cat([step.fid_e, step.stab_e]))
+    probes = None
+    if linearity is not None and linearity.weight > 0:
+        probes = torch.randint(linearity.num_examples, (linearity.probes,),
+                               generator=torch.Generator().manual_seed(step.seed + 1))
+    uniq = torch.unique(torch.cat([step.fid_e, step.stab_e] + ([probes] if probes is not None else [])))
     with record_function("stride.features"):
         feats = source.get(uniq)
     dev = feats.h.device
@@ -221,10 +267,7 @@ def step_loss(
             valid, weight = torch.gather(valid, 1, pick), torch.gather(weight, 1, pick)
 
         def sel(t: Tensor) -> Tensor:
-            t = t[rows]
-            if pick is None:
-                return t
-            return torch.gather(t, 1, pick[..., None].expand(-1, -1, t.shape[-1]))
+            return _select(t, rows, pick)
 
         with record_function("stride.steered_logits"):
             logits = lm.logits(sel(feats.z) + ops.shift(ops.project(sel(feats.h)), k.to(dev)))
@@ -240,6 +283,28 @@ def step_loss(
         stab = divergence(step.stab_e, step.stab_k, lambda r: feats.mask[r], feats.stab_ids, feats.stab_logq)
         stats["stability"] = float(stab.detach())
         loss = loss + stability_weight * stab
+    if probes is not None:
+        rows = torch.searchsorted(uniq, probes).to(dev)
+        valid = feats.targets[rows] != -100
+        pick = _positions(valid, positions, gen) if 0 < positions < valid.shape[1] else None
+
+        h, z, tgt = (_select(t, rows, pick) for t in (feats.h, feats.z, feats.targets))
+        S, P = len(step.ks), len(probes)
+        count = (tgt != -100).sum(1).clamp_min(1)
+
+        def nll(logits: Tensor, t: Tensor) -> Tensor:
+            ce = F.cross_entropy(logits.transpose(1, 2), t, ignore_index=-100, reduction="none")
+            return ce.sum(1) / count.repeat(len(t) // P)
+
+        with record_function("stride.linearity"):
+            with torch.no_grad():
+                base = nll(lm.logits(z), tgt)
+            u = ops.project(h).repeat(S, 1, 1)
+            steered = lm.logits(z.repeat(S, 1, 1) + ops.shift(u, step.ks.repeat_interleave(P).to(dev)))
+            effects = nll(steered, tgt.repeat(S, 1)).view(S, P) - base  # (S, P)
+            lin = ridge_residual_share(effects, linearity.sketch[step.ks].to(dev), linearity.ridge)
+        stats["linearity"] = float(lin.detach())
+        loss = loss + linearity.weight * lin
     return loss, stats
 
 

@@ -11,8 +11,20 @@ import torch.nn.functional as F
 from _tiny import write_corpus, write_model
 
 from stride.config import BuildConfig, ConfigError
-from stride.fit import compress, soft_kl
+from stride.corpus import Corpus
+from stride.design import random_design
+from stride.fit import (
+    FeatureSource,
+    Linearity,
+    Targets,
+    compress,
+    ridge_residual_share,
+    sample_step,
+    soft_kl,
+    step_loss,
+)
 from stride.model import LM, ModelMismatchError
+from stride.operators import SteeringOperators
 from stride.query import Attributor
 from worker.build import build
 
@@ -126,3 +138,51 @@ def test_demo_assets_keep_their_base(demo_dir: Path) -> None:
     LM.load(demo_dir / "base", "cpu")  # its weights load
     check_same_family(LM.load(demo_dir / "model", "cpu"), demo_dir / "base")
     assert weights_sha256(demo_dir / "base") != weights_sha256(demo_dir / "model")
+
+
+def test_ridge_residual_share_is_zero_for_additive_effects_and_scale_free() -> None:
+    torch.manual_seed(0)
+    X = torch.randn(32, 8)
+    additive = X @ torch.randn(8, 5) + torch.randn(5)  # effects that add up over the sketch, plus an intercept
+    assert float(ridge_residual_share(additive, X, 1e-6)) < 1e-6
+    noise = torch.randn(32, 5)
+    share = ridge_residual_share(noise, X, 1e-3)
+    assert 0.3 < float(share) <= 1.0  # 8 of 31 centred directions explained at most
+    torch.testing.assert_close(ridge_residual_share(noise * 100, X, 1e-3), share)
+
+
+def test_linearity_sketch_sums_its_members_rows() -> None:
+    mem = random_design(50, 12, 3, 0)
+    lin = Linearity.of(mem, 1.0, 4, seed=7, width=5)
+    R = torch.randn(50, 5, generator=torch.Generator().manual_seed(7 + 2))
+    dense = torch.zeros(12, 50)
+    for k in range(12):
+        dense[k, mem.members(k)] = 1.0
+    torch.testing.assert_close(lin.sketch, dense @ R)
+
+
+def test_the_linearity_term_trains_only_the_sampled_operators(pair, tmp_path: Path) -> None:
+    deployed, _, data = pair
+    lm = LM.load(deployed, "cpu")
+    corpus = Corpus.scan(data)
+    mem = random_design(len(corpus), 16, 3, 0)
+    source = FeatureSource(lm, corpus, 0, 64, Targets("forget"))
+    ops = SteeringOperators(lm.hidden_size, 4, 16)
+    ops.init_basis(source.get(torch.arange(8)).h.flatten(0, 1), 0)
+    ops.A.data.normal_(0, 0.1)
+    step = sample_step(mem, 4, 2, torch.Generator().manual_seed(3))
+    lin = Linearity.of(mem, 5.0, 3, 0)
+    plain, _ = step_loss(ops, lm, source, step, 1.0, 2)
+    loss, stats = step_loss(ops, lm, source, step, 1.0, 2, lin)
+    assert 0.0 <= stats["linearity"] <= 1.0
+    torch.testing.assert_close(loss, plain + 5.0 * stats["linearity"], rtol=1e-5, atol=1e-6)
+    loss.backward()
+    grad = ops.A.grad.to_dense() if ops.A.grad.is_sparse else ops.A.grad
+    touched = set(torch.nonzero(grad.flatten(1).abs().amax(1) > 0).squeeze(1).tolist())
+    assert touched and touched <= set(step.ks.tolist())
+    # a build with the term records it and still answers
+    store = build(deployed, data, tmp_path / "s", BuildConfig(linearity_weight=1.0, **SMALL), device="cpu",
+                  show_progress=False)
+    assert json.loads((store / "manifest.json").read_text())["config"]["linearity_weight"] == 1.0
+    assert Attributor.from_store(store, device="cpu").attribute("the old farmer", " crossed the river .") \
+        .diagnostics["converged"]

@@ -25,6 +25,7 @@ from stride.corpus import Corpus, file_sha256
 from stride.design import Membership, random_design
 from stride.fit import (
     FeatureSource,
+    Linearity,
     OperatorAdam,
     Targets,
     finetune_shift,
@@ -169,6 +170,8 @@ def _save_checkpoint(ckpt: Path, state: dict) -> None:
 def _fit_fidelity(ops: SteeringOperators, lm: LM, source: FeatureSource, membership: Membership,
                   cfg: BuildConfig, world: World, ckpt: Path, fingerprint: str, show: bool) -> None:
     opt = OperatorAdam(ops, cfg.lr)
+    linearity = Linearity.of(membership, cfg.linearity_weight, cfg.linearity_probes, cfg.seed) \
+        if cfg.linearity_weight > 0 else None
     start = 0
     if state := _load_checkpoint(ckpt, fingerprint):
         ops.load_state_dict(state["ops"])
@@ -180,7 +183,7 @@ def _fit_fidelity(ops: SteeringOperators, lm: LM, source: FeatureSource, members
         for step in range(start, steps):
             batch = sample_step(membership, cfg.batch_size, cfg.members_per_subset,
                                 step_generator(cfg.seed, step, world.rank))
-            loss, stats = step_loss(ops, lm, source, batch, cfg.stability_weight, cfg.positions)
+            loss, stats = step_loss(ops, lm, source, batch, cfg.stability_weight, cfg.positions, linearity)
             opt.zero_grad()
             loss.backward()
             world.mean_grads(ops.parameters())
