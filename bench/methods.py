@@ -62,23 +62,30 @@ MODE_ROWS = {  # fit mode -> row name (DEFAULT_MODE below is what `stride build`
 DEFAULT_MODE = BuildConfig().resolve(1000, 2, has_reference=True).fit  # what `stride build` does by default
 
 
+# the sources that decide what a build writes; the query side (measure, recovery, query, store reading)
+# does not, and stores of older formats keep loading (tests/test_store.py)
+BUILD_SOURCES = ("stride/config.py", "stride/corpus.py", "stride/design.py", "stride/fit.py", "stride/model.py",
+                 "stride/operators.py", "worker/build.py")
+
+
 def code_mtime() -> float:
-    """Newest modification time of the core's and the worker's sources: a store older than this is stale."""
+    """Newest modification time of the build's sources: a store older than this is stale."""
     root = Path(__file__).resolve().parent.parent
-    return max(p.stat().st_mtime for d in ("stride", "worker") for p in (root / d).glob("*.py"))
+    return max((root / p).stat().st_mtime for p in BUILD_SOURCES)
 
 
 def build_or_reuse(mode: str, seed: int, built, work: Path, overrides: dict | None,
-                   rebuild: bool) -> tuple[Path, float, bool]:
+                   rebuild: bool, tag: str = "") -> tuple[Path, float, bool]:
     """Build the store of (mode, seed), or reuse one built with the same resolved settings, on the same
     corpus, after the last change to the core's code (so an interrupted benchmark resumes cheaply).
 
-    Returns (store, build seconds, reused). A reused store's seconds come from its manifest.
+    Returns (store, build seconds, reused). A reused store's seconds come from its manifest. ``tag``
+    names a variant of the mode's store (``bench.variants``), kept beside the default one.
     """
     from stride.store import StoreError, read_manifest
     from worker.build import build
 
-    out = work / f"store-{mode}-s{seed}"
+    out = work / f"store-{mode}{'-' + tag if tag else ''}-s{seed}"
     cfg = BuildConfig(fit=mode, seed=seed, **(overrides or {}))
     # only revert and add see the base; forget and fidelity are the no-reference modes
     ref = {"reference_model": built.base_dir} if mode in ("revert", "add") else {}
@@ -89,9 +96,11 @@ def build_or_reuse(mode: str, seed: int, built, work: Path, overrides: dict | No
         resolved = cfg.resolve(len(built.docs), layers, **({"has_reference": True} if ref else {}))
         try:
             man = read_manifest(out)
-        except StoreError:
-            man = None
-        if man and man["config"] == resolved.to_dict() and (out / "manifest.json").stat().st_mtime > code_mtime() \
+            # a manifest written before a config field existed holds that field's default
+            same = BuildConfig(**man["config"]).to_dict() == resolved.to_dict()
+        except (StoreError, TypeError):
+            man, same = None, False
+        if same and (out / "manifest.json").stat().st_mtime > code_mtime() \
                 and man.get("corpus", {}).get("sha256") == file_sha256(built.corpus):
             return out, float(man.get("build", {}).get("seconds", float("nan"))), True
     shutil.rmtree(out, ignore_errors=True)
