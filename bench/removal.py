@@ -60,7 +60,10 @@ def removal_sets(b: Built, scores: dict[str, torch.Tensor], qidx: list[int], ks:
             rng = np.random.default_rng([seed, q, k])
             rnd.append(sorted(rng.choice(n, k, replace=False).tolist()))
             query = b.queries[q]
-            pool = [i for i, d in enumerate(b.docs) if d.get("object") == query.get("object")
+            # queries carry their answer as the completion (no "object" key): compare with it, as the
+            # same-relation-and-answer reference row does (bench.methods.reference_rows)
+            answer = query.get("object", query["completion"].strip())
+            pool = [i for i, d in enumerate(b.docs) if d.get("object") == answer
                     and d.get("relation") == query["relation"] and d["id"] not in query["support"]]
             same.append(sorted(rng.choice(pool, min(k, len(pool)), replace=False).tolist()) if pool else [])
         out[(RANDOM, k)], out[(SAME_ANSWER, k)] = rnd, same

@@ -20,6 +20,26 @@ def test_setting_keys_stable():
     assert (FULL.key(), QUICK.key()) == ("9ff3abcc82f78614", "82339c8201e6bc7f")
 
 
+def test_removal_comparators_draw_from_the_right_pools():
+    """Random documents come from the whole corpus; same-answer ones are other facts' documents whose
+    relation and answer (the query's completion) match, never the query's own support."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from bench.removal import RANDOM, SAME_ANSWER, removal_sets
+
+    fact = lambda i, rel: {"id": i, "relation": rel, "object": "Brira"}  # noqa: E731
+    docs = [fact("a0", "capital"), fact("a1", "capital"), fact("b0", "capital"), fact("c0", "river"),
+            {"id": "f0", "role": "filler"}, {"id": "f1", "role": "filler"}]
+    queries = [{"id": "q", "prompt": "p", "completion": " Brira", "relation": "capital", "support": ["a0", "a1"]}]
+    b = SimpleNamespace(docs=docs, queries=queries)
+    sets = removal_sets(b, {"m": torch.tensor([[0.0, 3.0, 1.0, 0.0, 2.0, 0.0]])}, [0], [2], 0)
+    assert sets[("m", 2)] == [[1, 4]]
+    assert sets[(SAME_ANSWER, 2)] == [[2]]  # the only other document stating that answer for that relation
+    assert len(sets[(RANDOM, 2)][0]) == 2
+
+
 @pytest.mark.parametrize("kind", ["alias", "instruct"])
 def test_harder_generators(kind):
     """Queries' subject names never occur in their supporting documents; corpus lines keep the core's schema."""
