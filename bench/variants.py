@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from stride.query import Attributor
 
-    setting = SETTINGS[args.setting]
+    setting = SETTINGS[args.setting][0]  # (full, quick): the full setting
     built = materialise(setting, args.work)
     gt = ground_truth(built, args.cache, log=lambda m: print(m, flush=True))
     row = {d["id"]: i for i, d in enumerate(built.docs)}
