@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
         per_seed = []
         for seed in range(args.seeds):
             t = time.perf_counter()
-            store, secs, reused = methods.build_or_reuse(mode, seed, built, args.work, BUILDS[name] or None,
+            store, secs, reused = methods.build_or_reuse(mode, seed, built, built.dir, BUILDS[name] or None,
                                                          rebuild=False, tag="" if name == "default" else name)
             w, _, diag = Attributor.from_store(store).score_matrix(queries)
             per_seed.append({"seed": seed, "build_s": secs, "reused": reused, "load_avg": list(os.getloadavg()),
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         out["builds"][name] = {"overrides": BUILDS[name], "per_seed": per_seed, **mean_sd(per_seed)}
 
     if measures:
-        store, _, _ = methods.build_or_reuse(mode, 0, built, args.work, None, rebuild=False)
+        store, _, _ = methods.build_or_reuse(mode, 0, built, built.dir, None, rebuild=False)
         base = Attributor.from_store(store)
         scores = {}
         for name in measures:
