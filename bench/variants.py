@@ -41,6 +41,8 @@ BUILDS = {
     "all-positions": {"positions": 0},
     "full-targets": {"target_top_k": 0},
     "visits-400": {"visits": 400},
+    "linearity-0.1": {"linearity_weight": 0.1},  # the optional linearity term (off by default)
+    "linearity-1": {"linearity_weight": 1.0},
 }
 # measurement variants: SolverConfig overrides (the store and the solve are unchanged)
 MEASURES = {
