@@ -148,12 +148,7 @@ class Attributor:
     def example(self, key: int | str) -> Example:
         """A training example by index or id; KeyError when there is none."""
         corpus = self.store.corpus
-        if isinstance(key, str):
-            if key not in corpus._row:
-                raise KeyError(key)
-            i = corpus.index_of(key)
-        else:
-            i = key
+        i = corpus.index_of(key) if isinstance(key, str) else key
         if not 0 <= i < len(corpus):
             raise KeyError(key)
         return Example(i, corpus.ids[i], corpus.record(i).text)

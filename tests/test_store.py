@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import stride.store as store_mod
 from stride.config import BuildConfig
-from stride.corpus import Corpus, file_sha256
+from stride.corpus import Corpus, IndexIds, PackedIds, file_sha256
 from stride.design import random_design
 from stride.model import weights_sha256
 from stride.operators import SteeringOperators
@@ -22,7 +22,7 @@ from stride.store import FORMAT_VERSION, MANIFEST, StoreError, load_store, write
 from worker.build import build
 
 FILES = ["basis.safetensors", "operators.safetensors", "membership.safetensors", "examples.safetensors",
-         "ids.json", "corpus.jsonl"]
+         "ids.safetensors", "corpus.jsonl"]
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +53,10 @@ def _write(out: Path, assets, seed: int = 0) -> tuple[Path, SteeringOperators, o
     return path, ops, membership, corpus, cfg
 
 
+def m_ids(st) -> str:
+    return st.manifest["corpus"]["ids"]
+
+
 def _leftovers(parent: Path) -> list[str]:
     return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
 
@@ -62,10 +66,11 @@ def test_round_trip(assets, tmp_path: Path) -> None:
     st = load_store(path)
     for name, tensor in ops.state_dict().items():
         assert torch.equal(st.operators.state_dict()[name], tensor), name
-    assert torch.equal(st.membership.crow, membership.crow) and torch.equal(st.membership.col, membership.col)
+    assert torch.equal(st.membership.crow, membership.crow) and torch.equal(st.membership.col.long(), membership.col)
     assert st.membership.num_examples == len(corpus)
     assert st.config == cfg
-    assert st.corpus.ids == corpus.ids
+    assert list(st.corpus.ids) == corpus.ids and m_ids(st) == "packed"
+    assert [st.corpus.index_of(rid) for rid in corpus.ids] == list(range(len(corpus)))
     assert [r.text for r in st.corpus.records(range(len(corpus)))] == [
         r.text for r in corpus.records(range(len(corpus)))]
     m = st.manifest
@@ -131,7 +136,9 @@ def test_missing_file(assets, tmp_path: Path) -> None:
 def test_membership_is_int32_on_disk_and_format_1_stores_still_load(assets, tmp_path: Path) -> None:
     path, _, membership, _, _ = _write(tmp_path / "s", assets)
     assert load_file(path / "membership.safetensors")["col"].dtype == torch.int32
-    # a format-1 store: int64 columns, its own digest in the manifest
+    assert load_store(path).membership.col.dtype == torch.int32  # mapped as stored, no int64 copy
+    # a format-1 store: ids.json and int64 columns, with their digests in the manifest
+    _as_format_2(path)
     save_file({"crow": membership.crow, "col": membership.col.long()}, path / "membership.safetensors")
     manifest = json.loads((path / MANIFEST).read_text())
     manifest["format_version"] = 1
@@ -139,6 +146,91 @@ def test_membership_is_int32_on_disk_and_format_1_stores_still_load(assets, tmp_
     (path / MANIFEST).write_text(json.dumps(manifest))
     st = load_store(path)
     assert st.membership.col.dtype == torch.long and torch.equal(st.membership.col, membership.col)
+    assert st.corpus.ids == [f"ex{i}" for i in range(40)]
+
+
+def _as_format_2(path: Path) -> list[str]:
+    """Rewrite a store as format 2 wrote it (ids.json, no corpus.ids); returns its ids."""
+    manifest = json.loads((path / MANIFEST).read_text())
+    ids = list(load_store(path).corpus.ids)
+    (path / "ids.safetensors").unlink(missing_ok=True)
+    (path / "ids.json").write_text(json.dumps(ids))
+    manifest["format_version"] = 2
+    del manifest["corpus"]["ids"]
+    manifest["files"].pop("ids.safetensors", None)
+    manifest["files"]["ids.json"] = file_sha256(path / "ids.json")
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    return ids
+
+
+def test_a_format_2_store_still_loads_with_its_ids_json(assets, tmp_path: Path) -> None:
+    path, _, membership, corpus, _ = _write(tmp_path / "s", assets)
+    ids = _as_format_2(path)
+    st = load_store(path)
+    assert isinstance(st.corpus.ids, list) and st.corpus.ids == ids == corpus.ids
+    assert st.corpus.index_of(ids[7]) == 7 and st.corpus.record(7).text == corpus.record(7).text
+    with pytest.raises(KeyError):
+        st.corpus.index_of("no such id")
+    # written again by this code, it becomes format 3
+    again = write_store(tmp_path / "again", config=st.config, ops=st.operators, membership=st.membership,
+                        corpus=st.corpus, model_path=assets["model"], model_sha256="x")
+    st3 = load_store(again)
+    assert st3.manifest["format_version"] == FORMAT_VERSION and list(st3.corpus.ids) == ids
+    assert torch.equal(st3.membership.col.long(), membership.col)
+
+
+def test_default_ids_are_a_flag_not_a_file(assets, tmp_path: Path) -> None:
+    """A corpus without ids (each example's id is its index) stores none."""
+    data = tmp_path / "plain.jsonl"
+    data.write_text("".join(json.dumps({"text": r.text}) + "\n" for r in Corpus.scan(assets["data"]).records(
+        range(40))))
+    ops, membership, _ = _random_parts(assets["data"], 0)
+    corpus = Corpus.scan(data)
+    path = write_store(tmp_path / "s", config=BuildConfig(num_subsets=12, memberships=3, rank=4, steps=1, layer=1),
+                       ops=ops, membership=membership, corpus=corpus, model_path=assets["model"],
+                       model_sha256=weights_sha256(assets["model"]))
+    st = load_store(path)
+    assert m_ids(st) == "index" and not (path / "ids.safetensors").exists() and "ids.safetensors" not in \
+        st.manifest["files"]
+    assert isinstance(st.corpus.ids, IndexIds) and list(st.corpus.ids) == corpus.ids == [str(i) for i in range(40)]
+    assert st.corpus.index_of("39") == 39 and st.corpus.records([3])[0].text == corpus.record(3).text
+    for missing in ("40", "07", "-1", "x", "", "٣"):  # out of range, not canonical, not a number
+        with pytest.raises(KeyError):
+            st.corpus.index_of(missing)
+
+
+def test_packed_ids_read_and_find_every_id() -> None:
+    ids = [f"doc-{i}" for i in range(500)] + ["é", "文書", "doc-1 ", "d"]
+    packed = PackedIds.pack(ids)
+    assert list(packed) == ids and packed[-1] == "d" and packed[2:4] == ids[2:4] and len(packed) == len(ids)
+    assert [packed.find(rid) for rid in ids] == list(range(len(ids)))
+    assert [packed.find(rid) for rid in ("doc-", "doc-5000", "do", "é ", "")] == [-1] * 5
+    assert "文書" in packed and "nope" not in packed
+    with pytest.raises(IndexError):
+        packed[len(ids)]
+
+
+@pytest.mark.parametrize("name", ["membership.safetensors", "examples.safetensors", "ids.safetensors"])
+def test_a_truncated_array_file_is_refused_naming_it(assets, tmp_path: Path, name: str) -> None:
+    """Unverified loads (verify=False) still check that each mapped file holds what its header says."""
+    path, *_ = _write(tmp_path / "s", assets)
+    f = path / name
+    f.write_bytes(f.read_bytes()[:-9])
+    with pytest.raises(StoreError) as info:
+        load_store(path, verify=False)
+    assert str(f) in str(info.value)
+    f.write_bytes(b"\x05")
+    with pytest.raises(StoreError, match="not a safetensors file"):
+        load_store(path, verify=False)
+
+
+def test_a_bad_ids_kind_names_the_field(assets, tmp_path: Path) -> None:
+    path, *_ = _write(tmp_path / "s", assets)
+    manifest = json.loads((path / MANIFEST).read_text())
+    manifest["corpus"]["ids"] = "json"
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match="corpus.ids"):
+        load_store(path)
 
 
 def test_unknown_format_version(assets, tmp_path: Path) -> None:
