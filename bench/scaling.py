@@ -2,9 +2,12 @@
 
 At each n, STRIDE uses the defaults' resolved shape (``BuildConfig().resolve(n, layers)``: K
 subsets, rank r, d memberships) with synthetic operators (Gaussian, scaled like the benchmark's
-trained ones) and a real random design; a query is the bench model's forward pass, the K
-loss-drop measurements and the Lasso solve, each timed. The store is written with the core's
-``write_store`` and measured on disk (without the corpus text copy).
+trained ones), a real random design and a corpus file of n short records. The store is written with
+the core's ``write_store``, measured on disk (without the corpus text copy) and loaded as the service
+loads it; a query is the whole ``Attributor.attribute`` call (forward pass, the K loss-drop
+measurements, the Lasso solve, ranking and the top-10 proponents' and opponents' texts read back),
+one thread, median of 5 after a warm-up (the previous single cold sample at n = 10^6 read 78 ms
+for a solve that takes ~30 ms warm), with its own forward / measure / solve split.
 
 The baseline keeps n projected gradients of dimension k (float32); its query is the bench model's
 query gradient projected to k (measured) plus a dot product against the n stored rows. For n
@@ -19,6 +22,10 @@ query alone and as a batch; and a written store's start-up in a fresh process: i
 (sha256 verification included, as the service does), the solver's design, one solve; with its resident
 memory (from n = 10^5). ``run_scaling`` runs it at its ns, plus 10^7 when 10^6 is among them
 (``--quick`` stays small: solves only, at 10^3 and 10^4, a few seconds).
+
+Start-up alone, this code beside another checkout in the same run (the machine is shared, so only
+side-by-side figures compare): ``python -m bench.scaling --startup-only --ns 1e5,1e6,1e7 --against DIR``
+(DIR, e.g. ``git archive 17fb8e6 | tar -x -C DIR``, writes and loads its own store format).
 """
 
 from __future__ import annotations
@@ -37,14 +44,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stride.config import BuildConfig, SolverConfig
+from stride.config import BuildConfig, Query, SolverConfig
 from stride.corpus import Corpus, Record
 from stride.design import random_design
-from stride.measure import loss_drops
 from stride.model import LM
 from stride.operators import SteeringOperators
+from stride.query import Attributor
 from stride.recovery import SparseDesign, solve
-from stride.store import write_store
+from stride.store import load_store, write_store
 
 
 def _median_ms(fn, reps: int, warmup: int = 1) -> float:
@@ -56,6 +63,21 @@ def _median_ms(fn, reps: int, warmup: int = 1) -> float:
         fn()
         out.append((time.perf_counter() - t) * 1e3)
     return float(np.median(out))
+
+
+def synthetic_corpus(path: Path, n: int, texts: bool = True) -> Corpus:
+    """n examples with ids ``doc-%08d`` (so the store keeps packed ids, not the index flag); with
+    ``texts`` a real JSONL file of n short records, else a one-line stub the offsets do not describe
+    (for start-up timing, which reads no record)."""
+    ids = [f"doc-{i:08d}" for i in range(n)]
+    if not texts:
+        path.write_text('{"id": "x", "text": "x"}\n')
+        return Corpus(path, ids, np.arange(n, dtype=np.int64) * 48, np.full(n, 48, dtype=np.int64))
+    lines = [f'{{"id": "{rid}", "text": "synthetic example {i} of the scaling corpus"}}\n'.encode()
+             for i, rid in enumerate(ids)]
+    lengths = np.fromiter(map(len, lines), np.int64, n)
+    path.write_bytes(b"".join(lines))
+    return Corpus(path, ids, np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
 
 
 def stride_at(n: int, lm: LM, ref_ops: SteeringOperators, query: Record, model_dir: Path, reps: int,
@@ -73,42 +95,38 @@ def stride_at(n: int, lm: LM, ref_ops: SteeringOperators, query: Record, model_d
             ops.w_psi.copy_(torch.randn(lm.hidden_size, r, generator=gen) / lm.hidden_size**0.5)
         ops.A.copy_(torch.randn(K, r, lm.hidden_size, generator=gen) * float(ref_ops.A.std()))
     ops.requires_grad_(False)
-    t = time.perf_counter()
     membership = random_design(n, K, d, seed)
-    design = SparseDesign(membership)
-    setup_s = time.perf_counter() - t
-    solver = SolverConfig()
-    batch = lm.encode([query])
-    state: dict = {}
-
-    def forward():
-        state["hz"] = lm.features(batch, int(cfg.layer))
-
-    def measure():
-        h, z = state["hz"]
-        state["Y"] = loss_drops(lm, ops, h, z, batch.targets, solver.first_order)[1]
-
-    def do_solve():
-        with one_thread():
-            state["sol"] = solve(design, state["Y"], solver.lam_ratio, solver.max_iter, solver.tol)
-
-    parts = {"forward": _median_ms(forward, reps, max(warmup, 1)), "measure": _median_ms(measure, reps, max(warmup, 1)),
-             "solve": _median_ms(do_solve, reps, warmup)}
     tmp = Path(tempfile.mkdtemp(prefix="stride-scale-"))
     try:
-        stub = tmp / "stub.jsonl"
-        stub.write_text('{"id": "x", "text": "x"}\n')
-        ids = [f"doc-{i:08d}" for i in range(n)]
-        corpus = Corpus(stub, ids, np.arange(n, dtype=np.int64) * 48, np.full(n, 48, dtype=np.int64))
+        corpus = synthetic_corpus(tmp / "corpus.jsonl", n)
         out = write_store(tmp / "store", config=cfg, ops=ops, membership=membership, corpus=corpus,
                           model_path=model_dir, model_sha256="synthetic")
         files = {p.name: p.stat().st_size for p in out.iterdir() if p.name != "corpus.jsonl"}
+        del corpus, membership
+        t = time.perf_counter()
+        att = Attributor(load_store(out), lm, SolverConfig())  # as the service loads it, sha256 checked
+        setup_s = time.perf_counter() - t
+        rows = []
+        with one_thread():
+            for i in range(warmup + reps):
+                t, c = time.perf_counter(), time.process_time()
+                ans = att.attribute(query.prompt, query.completion, top_k=10, include_text=True)
+                if i >= warmup:
+                    rows.append({"ms": (time.perf_counter() - t) * 1e3, "cpu_ms": (time.process_time() - c) * 1e3,
+                                 **ans.timing_ms})
+            sol = att._solve(att._measure([Query(query.prompt, query.completion)])[1])  # passes: not in diagnostics
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"n": n, "K": K, "rank": r, "memberships": d, "latency_ms": sum(parts.values()), "parts_ms": parts,
-            "timed_repeats": reps,
-            "solver_iterations": int(state["sol"].iterations), "converged": bool(state["sol"].converged.all()),
-            "solver_gap": float(state["sol"].gap.max()), "solver_passes": int(state["sol"].passes.max()),
+    med = {key: float(np.median([row[key] for row in rows])) for key in rows[0]}
+    parts = {key: med[key] for key in ("forward", "measure", "solve")}
+    return {"n": n, "K": K, "rank": r, "memberships": d, "latency_ms": med["ms"], "parts_ms": parts,
+            "cpu_ms": med["cpu_ms"], "latency_ms_min": min(row["ms"] for row in rows),
+            # ranking the sparse answer and reading 2 x 10 records back, outside the three parts
+            "other_ms": float(np.median([row["ms"] - sum(row[k] for k in parts) for row in rows])),
+            "timed_repeats": reps, "warmup": warmup,
+            "solver_iterations": int(ans.diagnostics["iterations"]), "converged": bool(ans.diagnostics["converged"]),
+            "solver_gap": float(ans.diagnostics["gap"]), "solver_passes": int(sol.passes.max()),
+            "nonzeros": int(ans.diagnostics["nonzeros"]),
             "design_setup_s": setup_s, "store_bytes": sum(files.values()), "store_files": files}
 
 
@@ -197,23 +215,28 @@ def solve_at(membership, reps: int = 3, tol: float = 1e-6, max_iter: int = 10_00
 
 _READY = r"""
 import json, os, sys, time
-t0 = time.perf_counter()
+t0, c0 = time.perf_counter(), time.process_time()
 import torch
 torch.set_num_threads(1)
 from stride.recovery import SparseDesign, solve
 from stride.store import load_store
-t1 = time.perf_counter()
+t1, c1 = time.perf_counter(), time.process_time()
 store = load_store(sys.argv[1], verify=True)
-t2 = time.perf_counter()
+t2, c2 = time.perf_counter(), time.process_time()
 design = SparseDesign(store.membership)
-t3 = time.perf_counter()
+t3, c3 = time.perf_counter(), time.process_time()
 sol = solve(design, torch.randn(design.K, 1, generator=torch.Generator().manual_seed(0)))
-t4 = time.perf_counter()
+t4, c4 = time.perf_counter(), time.process_time()
 status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
 kb = lambda key: int(status[key].split()[0]) / 1024
 print(json.dumps({"import_s": t1 - t0, "load_store_s": t2 - t1, "design_s": t3 - t2, "first_solve_s": t4 - t3,
                   "ready_s": t4 - t0, "rss_mb": kb("VmRSS"), "peak_rss_mb": kb("VmHWM"),
-                  "converged": bool(sol.converged.all())}))
+                  # CPU time of the process: on a shared machine, close to an idle machine's wall time
+                  "import_cpu_s": c1 - c0, "load_store_cpu_s": c2 - c1, "design_cpu_s": c3 - c2, "ready_cpu_s": c4 - c0,
+                  # anonymous memory is the process's own; file-backed pages (mapped store files) are
+                  # shared with the page cache and dropped under memory pressure
+                  "rss_anon_mb": kb("RssAnon"), "rss_file_mb": kb("RssFile"),
+                  "format_version": store.manifest["format_version"], "converged": bool(sol.converged.all())}))
 """
 
 
@@ -224,12 +247,11 @@ def startup_at(membership, K: int, d: int, rank: int = 64, hidden: int = 64) -> 
     ops = SteeringOperators(hidden, min(rank, hidden), K).requires_grad_(False)
     tmp = Path(tempfile.mkdtemp(prefix="stride-start-"))
     try:
-        stub = tmp / "stub.jsonl"
-        stub.write_text('{"id": "x", "text": "x"}\n')
-        corpus = Corpus(stub, [f"doc-{i:08d}" for i in range(n)], np.arange(n, dtype=np.int64) * 48,
-                        np.full(n, 48, dtype=np.int64))
+        corpus = synthetic_corpus(tmp / "stub.jsonl", n, texts=False)
+        t = time.perf_counter()
         out = write_store(tmp / "store", config=cfg, ops=ops, membership=membership, corpus=corpus,
                           model_path=tmp, model_sha256="synthetic")
+        write_s = time.perf_counter() - t
         del corpus
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         t = time.perf_counter()
@@ -238,10 +260,49 @@ def startup_at(membership, K: int, d: int, rank: int = 64, hidden: int = 64) -> 
         wall = time.perf_counter() - t
         info = json.loads(res.stdout.strip().splitlines()[-1])
         info["process_wall_s"] = wall  # interpreter start included
+        info["write_store_s"] = write_s
+        info["store_bytes"] = sum(p.stat().st_size for p in out.iterdir() if p.name != "corpus.jsonl")
         info["membership_file_bytes"] = (out / "membership.safetensors").stat().st_size
         return info
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+_STARTUP = """
+import json, sys
+import bench.scaling
+from stride.design import random_design
+n, K, d = map(int, sys.argv[1:4])
+bench.scaling._READY = sys.argv[4]  # every tree's store is timed by the same script
+print(json.dumps(bench.scaling.startup_at(random_design(n, K, d, 0), K, d)))
+"""
+
+
+def startup_compare(ns: list[int], trees: dict[str, Path], K: int = 1000, d: int = 10, rounds: int = 1,
+                    log=print) -> list[dict]:
+    """Start-up of the same design written and loaded by each checkout in ``trees`` (name -> root), one
+    after the other at each n, so a shared machine's load hits them alike; each tree's compiled kernels
+    are cached first by a start-up at n = 10^3."""
+    def one(tree: Path, n: int) -> dict:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tree)}
+        res = subprocess.run([sys.executable, "-c", _STARTUP, str(n), str(K), str(d), _READY], cwd=tree, env=env,
+                             capture_output=True, text=True, check=True)
+        return json.loads(res.stdout.strip().splitlines()[-1])
+
+    for tree in trees.values():
+        one(tree, 1000)
+    rows = []
+    for n in ns:
+        for r in range(rounds):
+            for name, tree in trees.items():
+                info = {"tree": name, "n": n, "round": r, "loadavg": list(os.getloadavg()), **one(tree, n)}
+                log(f"  start-up n={n:>9} {name:>8}: load_store {info['load_store_s']:.2f} s (cpu "
+                    f"{info['load_store_cpu_s']:.2f}), design {info['design_s']:.2f} s "
+                    f"(cpu {info['design_cpu_s']:.2f}), "
+                    f"ready {info['ready_s']:.2f} s (cpu {info['ready_cpu_s']:.2f}), RSS {info['rss_mb']:.0f} MiB "
+                    f"(anon {info['rss_anon_mb']:.0f}), load average {info['loadavg'][0]:.1f}")
+                rows.append(info)
+    return rows
 
 
 def solver_scan(ns: list[int], K: int = 1000, d: int = 10, startup: bool = True, log=print) -> list[dict]:
@@ -267,33 +328,78 @@ def solver_scan(ns: list[int], K: int = 1000, d: int = 10, startup: bool = True,
     return rows
 
 
+def query_scan(ns: list[int], lm: LM, ref: SteeringOperators, rec: Record, model_dir: Path, proj_dim: int,
+               grad_query_ms: float, log=print) -> tuple[list[dict], list[dict]]:
+    """STRIDE's whole query and the projected-gradient query at each n, side by side."""
+    stride, proj = [], []
+    for n in ns:
+        reps = 5 if n <= 1_000_000 else 3
+        s = stride_at(n, lm, ref, rec, model_dir, reps, 1)
+        p = projected_at(n, proj_dim, grad_query_ms, reps, 1)
+        log(f"  n={n:>8}: STRIDE {s['latency_ms']:.1f} ms (cpu {s['cpu_ms']:.1f}; fwd/measure/solve/other "
+            + "/".join(f"{s['parts_ms'][k]:.1f}" for k in ("forward", "measure", "solve")) + f"/{s['other_ms']:.1f}; "
+            f"{s['nonzeros']} nonzeros), {s['store_bytes'] / 2**20:.1f} MiB | projected gradients "
+            f"{p['latency_ms']:.1f} ms, {p['store_bytes'] / 2**20:.1f} MiB | {p['latency_ms'] / s['latency_ms']:.2f}x"
+            f" | load average {os.getloadavg()[0]:.1f}")
+        stride.append(s)
+        proj.append(p)
+    return stride, proj
+
+
 def run_scaling(ns: list[int], model_dir: Path, store_dir: Path, query: dict, proj_dim: int,
                 grad_query_ms: float, log=print) -> dict:
-    from stride.store import load_store
-
     lm = LM.load(model_dir, "cpu")
     ref = load_store(store_dir, verify=False).operators
     rec = Record("q", query["prompt"], query["completion"])
-    stride, proj = [], []
-    for n in ns:
-        reps, warm = (5, 1) if n <= 10_000 else (3, 1) if n <= 100_000 else (1, 0)
-        s = stride_at(n, lm, ref, rec, model_dir, reps, warm)
-        p = projected_at(n, proj_dim, grad_query_ms, reps, warm)
-        log(f"  n={n:>8}: STRIDE {s['latency_ms']:.1f} ms, {s['store_bytes'] / 2**20:.1f} MiB | projected "
-            f"gradients {p['latency_ms']:.1f} ms, {p['store_bytes'] / 2**20:.1f} MiB")
-        stride.append(s)
-        proj.append(p)
+    stride, proj = query_scan(ns, lm, ref, rec, model_dir, proj_dim, grad_query_ms, log)
     solver_ns = sorted(set(ns) | ({10**7} if max(ns) >= 10**6 else set()))
     return {"stride": stride, "projected_gradients": proj, "solver": solver_scan(solver_ns, log=log)}
+
+
+def whole_query(ns: list[int], work: Path, store_dir: Path, proj_dim: int, log=print) -> dict:
+    """``query_scan`` outside the benchmark run: the bench model and first query in ``work``, a built
+    store's operators for scale, and the projected-gradient query's fixed part (backward over the
+    nn.Linear weights, projection to ``proj_dim``) timed here, 1 thread."""
+    from bench.methods import Grads
+
+    lm = LM.load(work / "model", "cpu")
+    ref = load_store(store_dir, verify=False).operators
+    q = json.loads((work / "queries.jsonl").read_text().splitlines()[0])
+    rec = Record("q", q["prompt"], q["completion"])
+    grads = Grads(lm.model, lm.tokenizer)
+    R = torch.randn(grads.dim, proj_dim, generator=torch.Generator().manual_seed(0)) / math.sqrt(proj_dim)
+    with one_thread():
+        grad_ms = _median_ms(lambda: grads.one(rec) @ R, 7, 2)
+        log(f"  projected-gradient query gradient + projection (k={proj_dim}): {grad_ms:.1f} ms")
+        stride, proj = query_scan(ns, lm, ref, rec, work / "model", proj_dim, grad_ms, log)
+    return {"stride": stride, "projected_gradients": proj, "grad_query_ms": grad_ms}
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="STRIDE solver and start-up scaling (issue 9 problem shape)")
     ap.add_argument("--ns", default="1e3,1e4,1e5,1e6,1e7", help="comma-separated n values")
     ap.add_argument("--no-startup", action="store_true", help="skip writing stores and timing their start-up")
+    ap.add_argument("--startup-only", action="store_true", help="time start-up alone (no solves)")
+    ap.add_argument("--against", type=Path, help="with --startup-only: another checkout's root, timed alongside")
+    ap.add_argument("--rounds", type=int, default=1, help="with --startup-only: start-ups per tree and n")
+    ap.add_argument("--whole-query", action="store_true",
+                    help="STRIDE's whole query beside projected gradients (needs --work and --store)")
+    ap.add_argument("--work", type=Path, help="with --whole-query: bench/work/<key> (model/, queries.jsonl)")
+    ap.add_argument("--store", type=Path, help="with --whole-query: a built store (its operators' scale)")
+    ap.add_argument("--proj-dim", type=int, default=512, help="with --whole-query: k (the benchmark's 512)")
     ap.add_argument("--out", type=Path, help="write the rows as JSON here")
     args = ap.parse_args(argv)
-    rows = solver_scan([int(float(x)) for x in args.ns.split(",")], startup=not args.no_startup)
+    ns = [int(float(x)) for x in args.ns.split(",")]
+    if args.whole_query:
+        if not (args.work and args.store):
+            ap.error("--whole-query needs --work and --store")
+        rows = whole_query(ns, args.work, args.store, args.proj_dim)
+    elif args.startup_only:
+        trees = {"this": Path(__file__).resolve().parents[1], **({"against": args.against.resolve()}
+                                                                 if args.against else {})}
+        rows = startup_compare(ns, trees, rounds=args.rounds)
+    else:
+        rows = solver_scan(ns, startup=not args.no_startup)
     if args.out:
         args.out.write_text(json.dumps(rows, indent=2))
 
