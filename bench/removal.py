@@ -70,6 +70,23 @@ def removal_sets(b: Built, scores: dict[str, torch.Tensor], qidx: list[int], ks:
     return out
 
 
+def paired_excess(rows: dict, name: str, over: str, k: str) -> dict | None:
+    """Mean and standard error of row ``name``'s rise minus row ``over``'s on the queries both cover.
+
+    Every removal is compared with one full-corpus retrain, whose own training noise shifts each
+    query's rises by the same amount in every row; the paired difference cancels that shift.
+    """
+    a, b = rows.get(name, {}).get(k), rows.get(over, {}).get(k)
+    if not a or not b or "query_ids" not in a or "query_ids" not in b:
+        return None
+    other = dict(zip(b["query_ids"], b["per_query"], strict=True))
+    d = np.array([x - other[q] for q, x in zip(a["query_ids"], a["per_query"], strict=True) if q in other])
+    if len(d) < 2:
+        return None
+    return {"mean": float(d.mean()), "sem": float(d.std(ddof=1) / np.sqrt(len(d))), "queries": len(d),
+            "positive_share": float((d > 0).mean())}
+
+
 def removal_test(b: Built, scores: dict[str, torch.Tensor], cache_root: Path, num_queries: int = 30,
                  ks: tuple[int, ...] = (5,), seed: int = 0, log=print) -> dict:
     """Mean rise of the chosen queries' losses per (row, k), with retrain count and time."""
@@ -79,19 +96,20 @@ def removal_test(b: Built, scores: dict[str, torch.Tensor], cache_root: Path, nu
     retrains, seconds, reused = 1, sec, int(cached)
     rows = {}
     for (name, k), sets in removal_sets(b, scores, qidx, list(ks), seed).items():
-        rise = []
+        rise, used = [], []
         for q, removed in zip(qidx, sets, strict=True):
             if not removed:  # no document qualifies (e.g. no other fact has this answer): not a removal
                 continue
             losses, sec, cached = retrain_losses(b, removed, cache_root)
             retrains, seconds, reused = retrains + 1, seconds + sec, reused + int(cached)
             rise.append(float(losses[q] - full[q]))
+            used.append(b.queries[q]["id"])
         if not rise:
             continue
         r = np.asarray(rise)
         rows.setdefault(name, {})[str(k)] = {"mean_rise": float(r.mean()), "queries": len(rise),
                                              "sem": float(r.std(ddof=1) / np.sqrt(len(r))) if len(r) > 1 else 0.0,
-                                             "per_query": rise}
+                                             "per_query": rise, "query_ids": used}
         log(f"  removal {name} top-{k}: mean rise {r.mean():.4f} over {len(rise)} queries ({retrains} retrains "
             f"so far, {seconds:.0f}s)")
     return {"queries": [b.queries[q]["id"] for q in qidx], "ks": list(ks), "rows": rows,
