@@ -40,6 +40,7 @@ BUILDS = {
     "slow": {"positions": 0, "target_top_k": 0, "visits": 400},  # the step before issue 15
     "all-positions": {"positions": 0},
     "full-targets": {"target_top_k": 0},
+    "visits-200": {"visits": 200},
     "visits-400": {"visits": 400},
     "linearity-0.1": {"linearity_weight": 0.1},  # the optional linearity term (off by default)
     "linearity-1": {"linearity_weight": 1.0},
