@@ -20,9 +20,10 @@ from stride.model import LM
 from stride.operators import SteeringOperators
 
 
-def query_losses(lm: LM, z: Tensor, targets: Tensor) -> Tensor:
-    """Mean next-token NLL over scored positions, per row: (Q,)."""
-    nll = F.cross_entropy(lm.logits(z).transpose(1, 2), targets, ignore_index=-100, reduction="none")
+def query_losses(lm: LM, z: Tensor, targets: Tensor, logits: Tensor | None = None) -> Tensor:
+    """Mean next-token NLL over scored positions, per row: (Q,). ``logits``: lm.logits(z), if at hand."""
+    logits = lm.logits(z) if logits is None else logits
+    nll = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")
     return nll.sum(1) / (targets != -100).sum(1).clamp_min(1)
 
 
@@ -52,9 +53,9 @@ def loss_drops(
     targets = targets.masked_fill(~valid, -100)
     counts = valid.sum(1).clamp_min(1)
     u = ops.project(h) * valid[..., None]  # (Q, T, r)
-    base = query_losses(lm, z, targets)
+    logits = lm.logits(z)  # (Q, T, V), once: at GPT-2's vocabulary each product is a large share of a query
+    base = query_losses(lm, z, targets, logits)
     if first_order:
-        logits = lm.logits(z)
         g = F.softmax(logits, -1)
         g.scatter_add_(-1, targets.clamp_min(0)[..., None], -torch.ones_like(g[..., :1]))
         g = (g @ lm.unembed) * (valid / counts[:, None])[..., None]  # dL/dz_t: (Q, T, d)
@@ -65,20 +66,20 @@ def loss_drops(
     if top_v is None:
         top_v = 0 if ops.num_subsets * T * V * d <= EXACT_LIMIT else TOP_V
     if 0 < top_v < V:
-        return base, _top_slice_drops(lm, ops, u, z, targets, valid, counts, base, top_v, budget_elems)
+        return base, _top_slice_drops(lm, ops, u, logits, targets, valid, counts, base, top_v, budget_elems)
     chunk = max(1, budget_elems // max(1, Q * T * V))
     drops = []
     for k0 in range(0, ops.num_subsets, chunk):
         A = ops.A[k0 : k0 + chunk]  # (k, r, d)
         dz = torch.einsum("qtr,krd->qktd", u, A)
-        logits = lm.logits(z[:, None] + dz)  # (Q, k, T, V)
+        steered = lm.logits(z[:, None] + dz)  # (Q, k, T, V)
         tgt = targets[:, None].expand(-1, A.shape[0], -1)
-        nll = F.cross_entropy(logits.permute(0, 3, 1, 2), tgt, ignore_index=-100, reduction="none")
+        nll = F.cross_entropy(steered.permute(0, 3, 1, 2), tgt, ignore_index=-100, reduction="none")
         drops.append(base[:, None] - nll.sum(-1) / counts[:, None])
     return base, torch.cat(drops, 1).T.contiguous()
 
 
-def _top_slice_drops(lm: LM, ops: SteeringOperators, u: Tensor, z: Tensor, targets: Tensor, valid: Tensor,
+def _top_slice_drops(lm: LM, ops: SteeringOperators, u: Tensor, logits: Tensor, targets: Tensor, valid: Tensor,
                      counts: Tensor, base: Tensor, top_v: int, budget_elems: int) -> Tensor:
     """Drops with each position's log-partition exact over S_t (its ``top_v`` likeliest tokens and
     the target) and the tail to first order: sum_{v not in S} p_v e^{delta_v} ~ P e^{E[delta]}, with
@@ -86,7 +87,7 @@ def _top_slice_drops(lm: LM, ops: SteeringOperators, u: Tensor, z: Tensor, targe
     (exact to first order, always positive, a lower bound by Jensen). With S_t = the whole
     vocabulary this is the exact drop."""
     W = lm.unembed.float()  # a no-op for float32 models
-    logp = torch.log_softmax(lm.logits(z).float(), -1)  # (Q, T, V)
+    logp = torch.log_softmax(logits.float(), -1)  # (Q, T, V)
     p = logp.exp()
     tgt = targets.clamp_min(0)
     S = torch.topk(logp, top_v, dim=-1).indices  # (Q, T, V')

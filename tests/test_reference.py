@@ -41,6 +41,11 @@ def test_default_layer_never_reads_the_steered_state(tmp_path: Path, arch: str) 
     assert not torch.allclose(h, z)
     last_h, last_z = lm.features(lm.encode(lm_records()), lm.num_layers - 1)
     assert torch.equal(last_h, last_z)  # the reason the last block is refused
+    # features runs the base transformer without the LM head: the same states, and z gives the LM's logits
+    batch = lm.encode(lm_records())
+    full = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True)
+    torch.testing.assert_close(h, full.hidden_states[layer + 1])
+    torch.testing.assert_close(lm.logits(z), full.logits)
     with pytest.raises(ConfigError, match="before the last one"):
         BuildConfig(layer=lm.num_layers - 1).resolve(100, lm.num_layers)
 
