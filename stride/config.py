@@ -35,7 +35,7 @@ class BuildConfig:
     num_subsets: int | None = _arg(None, "K, the number of subsets (default: n, clamped to 128..1000).", "-K")
     memberships: int = _arg(10, "d, the subsets each example joins.", "-d")
     steps: int | None = _arg(None, "Optimiser steps (default: visits x K / batch-size).")
-    visits: int = _arg(100, "For the default steps: times each subset is drawn (README: defaults table).")
+    visits: int = _arg(400, "For the default steps: times each subset is drawn (README: defaults table).")
     batch_size: int = _arg(32, "Subsets per optimisation step.")
     members_per_subset: int = _arg(4, "Members (and as many outsiders) of each subset per step.")
     lr: float = _arg(3e-3, "Adam learning rate.")
