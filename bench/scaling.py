@@ -54,15 +54,17 @@ from stride.recovery import SparseDesign, solve
 from stride.store import load_store, write_store
 
 
-def _median_ms(fn, reps: int, warmup: int = 1) -> float:
+def _median_ms(fn, reps: int, warmup: int = 1) -> tuple[float, float]:
+    """Median wall and CPU milliseconds of ``fn`` (CPU time: on a shared machine, close to an idle one's wall)."""
     for _ in range(warmup):
         fn()
-    out = []
+    wall, cpu = [], []
     for _ in range(reps):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         fn()
-        out.append((time.perf_counter() - t) * 1e3)
-    return float(np.median(out))
+        wall.append((time.perf_counter() - t) * 1e3)
+        cpu.append((time.process_time() - c) * 1e3)
+    return float(np.median(wall)), float(np.median(cpu))
 
 
 def synthetic_corpus(path: Path, n: int, texts: bool = True) -> Corpus:
@@ -130,7 +132,8 @@ def stride_at(n: int, lm: LM, ref_ops: SteeringOperators, query: Record, model_d
             "design_setup_s": setup_s, "store_bytes": sum(files.values()), "store_files": files}
 
 
-def projected_at(n: int, k: int, query_cost_ms: float, reps: int, warmup: int = 1, chunk: int = 100_000) -> dict:
+def projected_at(n: int, k: int, query_cost_ms: float, reps: int, warmup: int = 1, chunk: int = 100_000,
+                 query_cost_cpu_ms: float | None = None) -> dict:
     rows = min(n, chunk)
     gen = torch.Generator().manual_seed(1)
     X = torch.randn(rows, k, generator=gen)
@@ -141,9 +144,12 @@ def projected_at(n: int, k: int, query_cost_ms: float, reps: int, warmup: int = 
         for _ in range(times):
             (X @ phi).sum()
 
-    ms = _median_ms(dot, reps, warmup)
-    return {"n": n, "proj_dim": k, "latency_ms": query_cost_ms + ms, "parts_ms": {"query_gradient+projection":
-            query_cost_ms, "dot": ms}, "store_bytes": n * k * 4, "timed_rows": rows, "chunks": times}
+    ms, cpu = _median_ms(dot, reps, warmup)
+    out = {"n": n, "proj_dim": k, "latency_ms": query_cost_ms + ms, "parts_ms": {"query_gradient+projection":
+           query_cost_ms, "dot": ms}, "store_bytes": n * k * 4, "timed_rows": rows, "chunks": times}
+    if query_cost_cpu_ms is not None:
+        out["cpu_ms"] = query_cost_cpu_ms + cpu
+    return out
 
 
 class one_thread:
@@ -329,18 +335,22 @@ def solver_scan(ns: list[int], K: int = 1000, d: int = 10, startup: bool = True,
 
 
 def query_scan(ns: list[int], lm: LM, ref: SteeringOperators, rec: Record, model_dir: Path, proj_dim: int,
-               grad_query_ms: float, log=print) -> tuple[list[dict], list[dict]]:
+               grad_query_ms: float, log=print,
+               grad_query_cpu_ms: float | None = None) -> tuple[list[dict], list[dict]]:
     """STRIDE's whole query and the projected-gradient query at each n, side by side."""
     stride, proj = [], []
     for n in ns:
         reps = 5 if n <= 1_000_000 else 3
         s = stride_at(n, lm, ref, rec, model_dir, reps, 1)
-        p = projected_at(n, proj_dim, grad_query_ms, reps, 1)
+        with one_thread():
+            p = projected_at(n, proj_dim, grad_query_ms, reps, 1, query_cost_cpu_ms=grad_query_cpu_ms)
         log(f"  n={n:>8}: STRIDE {s['latency_ms']:.1f} ms (cpu {s['cpu_ms']:.1f}; fwd/measure/solve/other "
             + "/".join(f"{s['parts_ms'][k]:.1f}" for k in ("forward", "measure", "solve")) + f"/{s['other_ms']:.1f}; "
             f"{s['nonzeros']} nonzeros), {s['store_bytes'] / 2**20:.1f} MiB | projected gradients "
-            f"{p['latency_ms']:.1f} ms, {p['store_bytes'] / 2**20:.1f} MiB | {p['latency_ms'] / s['latency_ms']:.2f}x"
-            f" | load average {os.getloadavg()[0]:.1f}")
+            f"{p['latency_ms']:.1f} ms" + (f" (cpu {p['cpu_ms']:.1f})" if "cpu_ms" in p else "")
+            + f", {p['store_bytes'] / 2**20:.1f} MiB | wall {p['latency_ms'] / s['latency_ms']:.2f}x"
+            + (f", cpu {p['cpu_ms'] / s['cpu_ms']:.2f}x" if "cpu_ms" in p else "")
+            + f" | load average {os.getloadavg()[0]:.1f}")
         stride.append(s)
         proj.append(p)
     return stride, proj
@@ -369,10 +379,10 @@ def whole_query(ns: list[int], work: Path, store_dir: Path, proj_dim: int, log=p
     grads = Grads(lm.model, lm.tokenizer)
     R = torch.randn(grads.dim, proj_dim, generator=torch.Generator().manual_seed(0)) / math.sqrt(proj_dim)
     with one_thread():
-        grad_ms = _median_ms(lambda: grads.one(rec) @ R, 7, 2)
-        log(f"  projected-gradient query gradient + projection (k={proj_dim}): {grad_ms:.1f} ms")
-        stride, proj = query_scan(ns, lm, ref, rec, work / "model", proj_dim, grad_ms, log)
-    return {"stride": stride, "projected_gradients": proj, "grad_query_ms": grad_ms}
+        grad_ms, grad_cpu = _median_ms(lambda: grads.one(rec) @ R, 7, 2)
+    log(f"  projected-gradient query gradient + projection (k={proj_dim}): {grad_ms:.1f} ms (cpu {grad_cpu:.1f})")
+    stride, proj = query_scan(ns, lm, ref, rec, work / "model", proj_dim, grad_ms, log, grad_cpu)
+    return {"stride": stride, "projected_gradients": proj, "grad_query_ms": grad_ms, "grad_query_cpu_ms": grad_cpu}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,10 +6,11 @@ file's sha256 against the manifest (the files in parallel on torch's thread budg
 large per-example arrays (membership, offsets, ids) from disk instead of copying them: a page is
 read when it is used, and a store replaced on disk later cannot change a mapped one.
 
-Start-up at n = 10^7 (K = 1000, d = 10; ``python -m bench.scaling --ns 1e7``) was 9.4 s of
-``load_store`` and 3.0 GiB resident with format 2 (a dict over 10^7 parsed ids: 5.5 s; an int64
-copy of the membership columns: 2.4 s; ``json.loads`` of ids.json: 1.0 s); see the README for
-format 3's figures.
+Start-up at n = 10^7 (K = 1000, d = 10), side by side with format 2's code (``python -m bench.scaling
+--startup-only --ns 1e7 --against DIR``, 1 thread, load average ~4 on 2 cores): ``load_store`` 8.0 ->
+0.47 s of CPU (the sha256 of ~700 MB is most of what is left), the whole start-up 10.8 -> 3.1 s of CPU,
+3.0 -> 1.0 GiB resident (anonymous 2.4 -> 0.4 GiB). Format 2 spent it on a dict over 10^7 parsed ids
+(5.5 s), an int64 copy of the membership columns (2.4 s) and ``json.loads`` of ids.json (1.0 s).
 """
 
 from __future__ import annotations
