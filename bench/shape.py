@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.precompute import _fmt_s, _la, git_state, loadavg, machine
-from bench.scaling import solver_scan
+from bench.scaling import _median_ms, solver_scan
 from stride.config import BuildConfig
 from stride.corpus import Corpus
 from stride.design import random_design
@@ -177,15 +177,8 @@ def _timed(fn, reps: int, warmup: int = 1) -> dict:
     """Median wall and process-CPU seconds of ``fn()``. On this shared CPU, under ``nice``, the CPU time is
     the closer estimate of an idle machine's wall time (first run: the solve at n = 10^6 took 169 ms wall and
     18 ms CPU at load 4, two other jobs holding both cores)."""
-    for _ in range(warmup):
-        fn()
-    wall, cpu = [], []
-    for _ in range(reps):
-        t, c = time.perf_counter(), time.process_time()
-        fn()
-        wall.append(time.perf_counter() - t)
-        cpu.append(time.process_time() - c)
-    return {"wall": float(np.median(wall)), "cpu": float(np.median(cpu))}
+    wall, cpu = _median_ms(fn, reps, warmup)
+    return {"wall": wall / 1e3, "cpu": cpu / 1e3}
 
 
 def _scale(t: dict, f: float) -> dict:
