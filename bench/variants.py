@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -152,9 +153,10 @@ def pm(b: dict, key: str, fmt: str = "{:.3f}") -> str:
 
 
 def render(out: dict, argv: list[str] | None) -> str:
-    cmd = "python -m bench.variants " + " ".join(argv or [])
+    cmd = "python -m bench.variants " + " ".join(sys.argv[1:] if argv is None else argv)
+    load = ", ".join(f"{x:.2f}" for x in out["load_avg_at_start"])
     lines = [f"# STRIDE variants ({out['setting']} setting, mode `{out['mode']}`)", "",
-             f"`{cmd.strip()}`; load average at start {out['load_avg_at_start']}; 1 torch thread. "
+             f"`{cmd.strip()}`; load average at start {load}; 1 torch thread. "
              "LDS on the report retrains, tune split beside; mean ± sd over design seeds.", ""]
     if out["builds"]:
         lines += ["## Build step", "", "| variant | overrides | steps | build s | LDS | LDS tune | recall@5 | MRR |",
