@@ -114,7 +114,7 @@ class SolverConfig:
     max_iter: int = 10_000  # coordinate-descent epochs per query; dense-noise y at K = 1000 needs up to ~770
     tol: float = 1e-6  # stop when duality gap <= tol * primal objective (certified)
     first_order: bool = False  # linearised measurement for huge vocabularies
-    top_v: int | None = None  # measurement: vocabulary slice (None: exact when K*T*V*d <= 2^33, else 256; 0: exact)
+    top_v: int | None = None  # measurement: vocabulary slice (None: 256 when V > 512 or K*T*V*d > 2^33; 0: exact)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
