@@ -139,7 +139,7 @@ class LM:
         """(h, z): the residual stream after block ``layer`` and the final normed state."""
         batch = batch.to(self.device)
         # the base transformer, not the LM: its head would compute (B, T, V) logits that every caller
-        # discards (238 of 238 ms -> 159 ms on the GPT-2-small shape, bench/results/shape.md)
+        # discards (the forward pass 238 -> 159 ms on the GPT-2-small shape, bench/results/shape.md)
         out = self.model.base_model(
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,
