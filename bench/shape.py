@@ -676,7 +676,8 @@ def breakdown(g: dict, n: int = 10**6) -> list[str]:
     logra = row["logra"]["cpu"]
     fwd, base = s["forward"]["cpu"], s["forward_base"]["cpu"]
     return ["", f"Where the time goes at n = {n:,} (CPU): STRIDE {_t(row['stride']['cpu'])} = forward {_t(fwd)} "
-            f"(the base model alone, as `LM.features` runs it: {_t(base)}) + measurement {_t(s['measure_default']['cpu'])} (first order: "
+            f"(the base model alone, as `LM.features` runs it: {_t(base)}) + measurement "
+            f"{_t(s['measure_default']['cpu'])} (first order: "
             f"{_t(s['measure_first_order']['cpu'])}) + solve {_t(sv['cpu'])}. LoGRA {_t(logra)} = forward + "
             f"backward + projection {_t(gs['logra_query']['cpu'])} + dot {_t(dt['cpu'])}. With the measurement and "
             f"the solve free, the ratio could reach {_x(logra / min(fwd, base))}: the speed target at this n needs "
