@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from bench.measure import PeakRSS, dir_bytes, percentiles, time_calls
 from bench.setting import doc_record, doc_text
-from stride.config import BuildConfig, Query
+from stride.config import REFERENCE_MODES, BuildConfig, ConfigError, Query
 from stride.corpus import Record, file_sha256
 from stride.model import LM
 
@@ -88,7 +88,7 @@ def build_or_reuse(mode: str, seed: int, built, work: Path, overrides: dict | No
     out = work / f"store-{mode}{'-' + tag if tag else ''}-s{seed}"
     cfg = BuildConfig(fit=mode, seed=seed, **(overrides or {}))
     # only revert and add see the base; forget and fidelity are the no-reference modes
-    ref = {"reference_model": built.base_dir} if mode in ("revert", "add") else {}
+    ref = {"reference_model": built.base_dir} if mode in REFERENCE_MODES else {}
     if not rebuild and (out / "manifest.json").is_file():
         from transformers import AutoConfig
 
@@ -97,8 +97,8 @@ def build_or_reuse(mode: str, seed: int, built, work: Path, overrides: dict | No
         try:
             man = read_manifest(out)
             # a manifest written before a config field existed holds that field's default
-            same = BuildConfig(**man["config"]).to_dict() == resolved.to_dict()
-        except (StoreError, TypeError):
+            same = BuildConfig.from_dict(man["config"]).to_dict() == resolved.to_dict()
+        except (StoreError, ConfigError):
             man, same = None, False
         if same and (out / "manifest.json").stat().st_mtime > code_mtime() \
                 and man.get("corpus", {}).get("sha256") == file_sha256(built.corpus):
