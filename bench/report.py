@@ -313,6 +313,23 @@ def commands(info: dict) -> list[str]:
             "`gt = bench.groundtruth.ground_truth(materialise(setting, work), cache)`.", ""]
 
 
+def backdoor_section(bd: dict) -> list[str]:
+    """Poison detection by scan (issue 12): the planted behaviour's documents among each method's top."""
+    poisoned = int(next(iter(bd.values()))["poisoned"])
+    L = ["## Backdoor detection by scan\n",
+         f"The planted behaviour is a backdoor: {poisoned} training documents put the trigger word in the "
+         "instruction and end the response with the fixed phrase. Each method's scores over the 20 trigger "
+         "queries are summed per document (positive parts, `stride.scan`, what `stride scan` ranks by), and "
+         "the documents ranked by that sum. *found@k*: planted documents among the top k (at most "
+         f"min(k, {poisoned})); *rank of last*: how far down a reviewer reads to see all {poisoned}. Rows over "
+         "design seeds: the mean.\n",
+         "| method | found@10 | found@50 | rank of last |", "|---|---|---|---|"]
+    for name, v in sorted(bd.items(), key=lambda kv: (-kv[1]["found@50"], kv[1]["rank_of_last"])):
+        L.append(f"| {name} | {v['found@10']:.1f} | {v['found@50']:.1f} | {v['rank_of_last']:.0f} |")
+    L.append("")
+    return L
+
+
 def write_report(info: dict, out: Path) -> None:
     made = plots(info, out)
     s, d, m, gt = info["setting"], info["data"], info["machine"], info["ground_truth"]
@@ -415,6 +432,8 @@ def write_report(info: dict, out: Path) -> None:
     L.append("")
     if info.get("removal"):
         L.extend(removal_section(info["removal"]))
+    if info.get("backdoor"):
+        L.extend(backdoor_section(info["backdoor"]))
     sc = info.get("scaling")
     if sc:
         L.append("## Scaling with n\n")

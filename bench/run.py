@@ -130,6 +130,30 @@ def aggregate(entries: list[dict]) -> dict:
     return out
 
 
+def backdoor_scan(results: list[methods.Result], docs: list[dict], behaviour: np.ndarray) -> dict:
+    """Poison detection as a scan: each method's scores over the trigger queries summed per document
+    (``stride.scan``, what ``stride scan`` ranks by); how many planted behaviour documents are in the
+    top 10 and top 50, and how deep the last one is. Rows of one method over design seeds: mean, sd."""
+    from stride.scan import aggregate as scan
+
+    poisoned = np.array([d.get("role") == "behaviour" for d in docs])
+    rows: dict[str, list[dict]] = {}
+    for r in results:
+        if r.scores is None or r.status not in ("ok", "reference"):
+            continue
+        order = scan(r.scores[torch.from_numpy(behaviour)]).ranking()
+        hit = poisoned[order]
+        rows.setdefault(r.group or r.name, []).append(
+            {"found@10": int(hit[:10].sum()), "found@50": int(hit[:50].sum()),
+             "rank_of_last": int(np.nonzero(hit)[0].max()) + 1, "poisoned": int(poisoned.sum())})
+    out = {}
+    for name, entries in rows.items():
+        out[name] = {k: float(np.mean([e[k] for e in entries])) for k in entries[0]}
+        if len(entries) > 1:
+            out[name]["per_seed"] = entries
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
     torch.set_num_threads(args.threads)
@@ -274,6 +298,9 @@ def main(argv: list[str] | None = None) -> dict:
             + ", ".join(f"{k}={v:.3g}" for k, v in entry.items()
                         if isinstance(v, float) and k in ("lds_mean", "recall@5", "p50_ms")))
     table = {name: aggregate(entries) for name, entries in groups.items()}
+    if behaviour.any():
+        info["backdoor"] = backdoor_scan(results, docs, behaviour)
+        log(f"backdoor scan: {json.dumps({k: v['found@50'] for k, v in info['backdoor'].items()})}")
 
     if args.removal:
         t = time.perf_counter()
