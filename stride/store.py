@@ -16,6 +16,7 @@ Start-up at n = 10^7 (K = 1000, d = 10), side by side with format 2's code (``py
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import mmap
 import os
@@ -60,8 +61,20 @@ class Store:
 
     @property
     def version(self) -> str:
-        """Content version: the digest of the operators file, stable across copies."""
-        return self.manifest["files"]["operators.safetensors"][:16]
+        """Content version, stable across copies: the manifest's ``version`` (a digest of every file's
+        digest, so an update that only removes examples is a new version too); stores written before
+        it carry none and are versioned by their operators file."""
+        return self.manifest.get("version") or self.manifest["files"]["operators.safetensors"][:16]
+
+    @property
+    def generation(self) -> int:
+        """0 for a build, the parent's + 1 for each ``stride update`` (``lineage`` in the manifest)."""
+        return int(self.manifest.get("lineage", {}).get("generation", 0))
+
+
+def content_version(files: dict[str, str]) -> str:
+    """16 hex digits of the sha256 of the files' digests: what a cache key or a reload compares."""
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -76,9 +89,13 @@ def write_json_atomic(path: Path, data: Any) -> None:
 def write_store(
     out: str | Path, *, config: BuildConfig, ops: SteeringOperators, membership: Membership,
     corpus: Corpus, model_path: str | Path, model_sha256: str, extra: dict[str, Any] | None = None,
+    lineage: dict[str, Any] | None = None, corpus_source: str | None = None,
 ) -> Path:
     """``model_path`` is the frozen model the service runs; ``extra`` may name the build's "reference"
-    and "deployed" models ({path, sha256} each)."""
+    and "deployed" models ({path, sha256} each). ``lineage`` is an update's record (its parent's
+    version and manifest sha256, what was added and removed, the refit); a build's is generation 0.
+    ``corpus_source`` is recorded as the corpus's path instead of ``corpus.path`` (an update's merged
+    file is temporary)."""
     out = Path(out).resolve()
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
     tmp.mkdir(parents=True)
@@ -103,12 +120,14 @@ def write_store(
             "code_version": __version__,
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "model": {"path": str(Path(model_path).resolve()), "sha256": model_sha256},
-            "corpus": {"path": str(Path(corpus.path).resolve()), "sha256": files["corpus.jsonl"],
+            "corpus": {"path": corpus_source or str(Path(corpus.path).resolve()), "sha256": files["corpus.jsonl"],
                        "num_examples": len(corpus), "ids": ids_kind},
             "config": config.to_dict(),
             "shapes": {"num_subsets": ops.num_subsets, "rank": ops.rank,
                        "hidden_size": int(ops.A.shape[2]), "memberships": membership.memberships},
             "files": files,
+            "version": content_version(files),
+            "lineage": lineage or {"generation": 0, "parent": None},
             **(extra or {}),
         }
         write_json_atomic(tmp / MANIFEST, manifest)

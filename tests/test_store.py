@@ -80,7 +80,7 @@ def test_round_trip(assets, tmp_path: Path) -> None:
     assert m["config"] == cfg.to_dict()
     assert sorted(m["files"]) == sorted(FILES)
     assert all(file_sha256(path / f) == digest for f, digest in m["files"].items())
-    assert st.version == m["files"]["operators.safetensors"][:16]
+    assert st.version == m["version"] == store_mod.content_version(m["files"]) and m["lineage"]["generation"] == 0
     assert _leftovers(tmp_path) == []
 
 

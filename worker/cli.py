@@ -14,6 +14,7 @@ from pathlib import Path
 import typer
 
 from stride.config import BuildConfig, SolverConfig
+from stride.update import UpdateConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -77,6 +78,36 @@ def build(
 _fixed = [p for p in inspect.signature(build).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
 build.__signature__ = inspect.Signature(_fixed + _config_options(BuildConfig))
 app.command()(build)
+
+
+def update(
+    store: Path = typer.Option(..., help="The operator store to update (left untouched)."),
+    out: Path = typer.Option(..., help="The new store version to write (replaced atomically)."),
+    add: Path | None = typer.Option(None, help="JSONL of examples to add, each with an 'id'."),
+    remove: Path | None = typer.Option(None, help="Ids to remove, one per line."),
+    model: Path | None = typer.Option(None, help="The store's model, if it moved since the build (same weights)."),
+    device: str | None = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda if present)."),
+    quiet: bool = typer.Option(False, help="No progress output."),
+    **options,
+) -> None:
+    """Add and remove examples without a full rebuild: only the affected operators are refit."""
+    from stride.corpus import CorpusError
+    from stride.store import StoreError
+    from stride.update import UpdateError
+    from worker.update import update as run_update
+
+    _logging()
+    try:
+        path = run_update(store, out, add=add, remove=remove, config=UpdateConfig(**options), model=model,
+                          device=device, show_progress=not quiet)
+    except (UpdateError, CorpusError, StoreError, FileNotFoundError) as e:
+        _fail(e)
+    typer.echo(str(path))
+
+
+_fixed = [p for p in inspect.signature(update).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+update.__signature__ = inspect.Signature(_fixed + _config_options(UpdateConfig))
+app.command()(update)
 
 
 @app.command()
