@@ -22,7 +22,9 @@ from app.errors import problem_body
 
 log = logging.getLogger("stride.app.access")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/ui"})
+# the dashboard's static files (app/ui.py serves only the names it ships): the page asks for the key
+OPEN_PREFIXES = ("/ui/",)
 
 
 async def send_problem(send: Send, status: int, detail: str, path: str,
@@ -140,7 +142,8 @@ class ApiKeyAuth:
         return ok
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.keys or scope["path"] in self.open_paths:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not self.keys or path in self.open_paths or path.startswith(OPEN_PREFIXES):
             await self.app(scope, receive, send)
             return
         given = _header(scope, b"x-api-key")
