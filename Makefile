@@ -20,16 +20,21 @@ $(BIN)/.installed: pyproject.toml
 
 venv: $(BIN)/.installed
 
+# Times: README "Set-up: two commands" (measured; a loaded machine takes several times longer).
 $(DEMO)/model/config.json: | venv
+	@echo "== make demo 1/3: training the demo model (about 1 min on a quiet 2-core machine; progress every 5 s)"
 	$(BIN)/stride demo-assets --out $(DEMO)
 
+# the demo's build options are in $(DEMO)/build.json (stride/demo.py's DEMO_BUILD: 100 visits, and why)
 $(DEMO)/store/manifest.json: $(DEMO)/model/config.json
-	$(BIN)/stride build --model $(DEMO)/model --data $(DEMO)/corpus.jsonl --out $(DEMO)/store
+	@echo "== make demo 2/3: building the operator store (about 1 min on a quiet 2-core machine; progress every 5 s)"
+	$(BIN)/stride build --model $(DEMO)/model --data $(DEMO)/corpus.jsonl --out $(DEMO)/store --config $(DEMO)/build.json
 
 demo-store: $(DEMO)/store/manifest.json
 
 # `make demo`: build the embedded default, answer one query in-process, then serve it over HTTP
 demo: demo-store
+	@echo "== make demo 3/3: one query in-process (the first compiles the solver: 20-50 s, cached after), then the service"
 	$(BIN)/stride attribute --store $(DEMO)/store --prompt "$$(head -1 $(DEMO)/queries.jsonl | $(BIN)/python -c 'import json,sys; print(json.load(sys.stdin)["prompt"])')" \
 		--completion "$$(head -1 $(DEMO)/queries.jsonl | $(BIN)/python -c 'import json,sys; print(json.load(sys.stdin)["completion"])')" --top-k 5
 	$(MAKE) --no-print-directory serve

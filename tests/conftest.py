@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -21,10 +22,11 @@ def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_store(demo_dir: Path) -> Path:
-    """A store built with the CLI defaults: what `make demo` serves."""
+    """A store built with the demo's build options (``build.json``): what `make demo` serves. The one
+    store of the session: a test that needs a served store takes this one rather than building its own."""
     logging.getLogger("stride").setLevel(logging.WARNING)
-    return build(demo_dir / "model", demo_dir / "corpus.jsonl", demo_dir / "store", BuildConfig(),
-                 show_progress=False)
+    config = BuildConfig.from_dict(json.loads((demo_dir / "build.json").read_text()))
+    return build(demo_dir / "model", demo_dir / "corpus.jsonl", demo_dir / "store", config, show_progress=False)
 
 
 # --- service tests: a real Redis --------------------------------------------------------------

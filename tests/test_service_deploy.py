@@ -143,8 +143,10 @@ def _port(container: dict[str, Any], port: int | str) -> int:
 
 
 def _routes() -> set[str]:
+    """The served paths, as the OpenAPI document lists them (``app.routes`` holds included routers as
+    opaque entries since FastAPI 0.165)."""
     app = create_app(Settings(_env_file=None, store=None, redis_url=None, api_keys=""))
-    return {r.path for r in app.routes}
+    return set(app.openapi()["paths"])
 
 
 def _uses(pod: dict[str, Any], container: dict[str, Any], path: str) -> dict[str, Any]:

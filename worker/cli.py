@@ -148,6 +148,7 @@ def demo_assets(out: Path = typer.Option(..., help="Directory for model/, corpus
     """Write the embedded default: a tiny GPT-2 trained on planted facts, with its corpus and queries."""
     from stride.demo import DemoSpec, write_demo_assets
 
+    _logging()  # the training's progress lines
     summary = write_demo_assets(out, DemoSpec(seed=seed))
     typer.echo(json.dumps(summary))
 
