@@ -12,7 +12,6 @@ dropped (504).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -20,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from app import metrics
-from stride.config import Attribution, Query
+from stride.result import Attribution, Query, QueryError
 
 log = logging.getLogger("stride.app")
 RunBatch = Callable[[list[Query], int, bool], list[Attribution]]
@@ -150,21 +149,21 @@ class MicroBatcher:
                     job.future.set_result(_trim(res, job.top_k, job.include_text))
 
     def _compute(self, queries: list[Query], top_k: int, text: bool) -> list[Attribution | Exception]:
-        """One batched call; if one query is unanswerable (ValueError), answer the rest one by one."""
+        """One batched call; if one query is unanswerable (QueryError), answer the rest one by one."""
         try:
             out: list[Attribution | Exception] = list(self._run(queries, top_k, text))
-        except ValueError as e:
+        except QueryError as e:
             if len(queries) == 1:
                 return [e]
             out = []
             for q in queries:
                 try:
                     out.append(self._run([q], top_k, text)[0])
-                except ValueError as e1:
+                except QueryError as e1:
                     out.append(e1)
         for a in out:
             if isinstance(a, Attribution):
-                metrics.SOLVER_ITERATIONS.observe(a.diagnostics.get("iterations", 0))
+                metrics.SOLVER_ITERATIONS.observe(a.diagnostics.iterations)
                 break
         return out
 
@@ -173,6 +172,6 @@ def _trim(a: Attribution, top_k: int, include_text: bool) -> Attribution:
     """Fit a result computed for the batch's largest top_k (and text) to one query's request."""
     def cut(rows: list) -> list:
         rows = rows[:top_k]
-        return rows if include_text else [dataclasses.replace(r, text=None) for r in rows]
+        return rows if include_text else [r.model_copy(update={"text": None}) for r in rows]
 
-    return dataclasses.replace(a, proponents=cut(a.proponents), opponents=cut(a.opponents))
+    return a.model_copy(update={"proponents": cut(a.proponents), "opponents": cut(a.opponents)})

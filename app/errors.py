@@ -1,6 +1,8 @@
 """RFC 9457 problem details: every error the service returns is ``application/problem+json``.
 
-Bad input maps to 4xx; only a genuine bug reaches the 500 handler, and it leaks no internals.
+Bad input maps to 4xx; only a genuine bug reaches the 500 handler, and it leaks no internals. The
+engine's and the library's typed errors are mapped here, in one table (``problem_for``), so routes
+raise or propagate them and never translate status codes themselves.
 """
 
 from __future__ import annotations
@@ -14,14 +16,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.batcher import DeadlineExceeded, Overloaded, Stopped
 from app.context import request_id_var
+from stride.result import QueryError, QueryTooLong, UnscorableQuery
 
 PROBLEM = "application/problem+json"
 log = logging.getLogger("stride.app")
 
 # problem type slugs; "about:blank" would do, but a stable slug lets clients branch on it
 SLUGS = {400: "bad-request", 401: "unauthorized", 404: "not-found", 405: "method-not-allowed",
-         413: "too-large", 422: "invalid-request", 503: "unavailable", 504: "deadline-exceeded"}
+         413: "too-large", 415: "unsupported-media-type", 422: "invalid-request", 503: "unavailable",
+         504: "deadline-exceeded"}
 
 
 class Problem(Exception):
@@ -32,6 +37,33 @@ class Problem(Exception):
         super().__init__(detail)
         self.status, self.detail, self.headers = status, detail, headers or {}
         self.slug, self.extra = slug, extra or {}
+
+
+class NotReady(Exception):
+    """The model is loading or warming up, or the service is draining."""
+
+
+def problem_for(exc: Exception, retry_after_s: int) -> Problem | None:
+    """The problem document for a typed engine or query error; None for anything else (a bug)."""
+    retry = {"Retry-After": str(retry_after_s)}
+    if isinstance(exc, Problem):
+        return exc
+    if isinstance(exc, Overloaded):
+        return Problem(503, f"overloaded: {exc}", headers=retry, slug="overloaded")
+    if isinstance(exc, NotReady | Stopped):
+        return Problem(503, str(exc), headers=retry)
+    if isinstance(exc, DeadlineExceeded):
+        return Problem(504, str(exc))
+    if isinstance(exc, QueryTooLong):
+        return Problem(413, str(exc), slug="query-too-long")
+    if isinstance(exc, UnscorableQuery):
+        return Problem(422, str(exc), slug="unscorable-query")
+    if isinstance(exc, QueryError):
+        return Problem(422, str(exc), slug="invalid-query")
+    return None
+
+
+ENGINE_ERRORS = (NotReady, Overloaded, Stopped, DeadlineExceeded, QueryError)
 
 
 def problem_body(status: int, detail: str, instance: str | None = None, slug: str | None = None,
@@ -66,11 +98,20 @@ def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
     return out
 
 
-def install(app: FastAPI) -> None:
+def install(app: FastAPI, retry_after_s: int) -> None:
     @app.exception_handler(Problem)
     async def _problem(request: Request, exc: Problem) -> JSONResponse:
         return problem_response(exc.status, exc.detail, request.url.path, headers=exc.headers,
                                 slug=exc.slug, **exc.extra)
+
+    async def _typed(request: Request, exc: Exception) -> JSONResponse:
+        p = problem_for(exc, retry_after_s)
+        if p is None:  # not one of ours: the request-context middleware answers 500
+            raise exc
+        return await _problem(request, p)
+
+    for cls in ENGINE_ERRORS:
+        app.add_exception_handler(cls, _typed)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -1,62 +1,46 @@
-"""Request and response bodies; their examples feed the OpenAPI page at ``/docs``."""
+"""HTTP bodies, derived from the library's one contract (``stride.result``): a request is a
+``Query`` plus paging fields, an answer is an ``Attribution`` plus what identifies it. The examples
+feed the OpenAPI page at ``/docs`` and are real demo facts (``app/examples.py``)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
-EXAMPLE_QUERY = {"prompt": "The capital of Veltria is", "completion": " Orvane", "top_k": 5}
+from app.examples import EXAMPLE_QUERIES
+from stride.result import Attribution, Query
 
 
-class AttributeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [EXAMPLE_QUERY]})
+class AttributeRequest(Query):
+    """Strict types: ``true`` is no ``top_k`` and ``"yes"`` no ``include_text``."""
 
-    prompt: str = Field(..., min_length=1, description="Prompt, or the whole text when there is no completion.")
-    completion: str | None = Field(None, description="Completion whose loss is attributed; omit to score the prompt.")
-    top_k: int = Field(10, ge=1, description="Proponents and opponents to return (capped, see /v1/info).")
-    include_text: bool = Field(True, description="Include each example's text.")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": EXAMPLE_QUERIES})
+
+    top_k: StrictInt = Field(10, ge=1, description="Proponents and opponents to return (capped, see /v1/info).")
+    include_text: StrictBool = Field(True, description="Include each example's text.")
+
+    def query(self) -> Query:
+        return Query.model_construct(**{k: getattr(self, k) for k in Query.model_fields})
 
     def normalised(self) -> dict[str, Any]:
         """The cache-key form. Text is kept byte-exact: tokenisation depends on every character."""
-        return {"prompt": self.prompt, "completion": self.completion or None, "top_k": self.top_k,
-                "include_text": self.include_text}
+        return self.model_dump(exclude_none=True)
+
+    def chars(self) -> int:
+        """Characters of text in the query (logged instead of the text itself)."""
+        return len(self.prompt or "") + len(self.completion or "") + sum(len(m.content) for m in self.messages or [])
 
 
 class BatchRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"queries": [
-        EXAMPLE_QUERY, {"prompt": "The river that runs through Dunmarsh is", "completion": " Kell"}]}]})
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"queries": EXAMPLE_QUERIES[:2]}]})
 
     queries: list[AttributeRequest] = Field(..., min_length=1, description="Answered in order (capped).")
 
 
-class ScoredExample(BaseModel):
-    rank: int
-    index: int = Field(..., description="Row of the example in the store's corpus.")
-    id: str
-    score: float = Field(..., description="Positive: proponent; negative: opponent.")
-    text: str | None = None
-
-
-class Diagnostics(BaseModel):
-    nonzeros: int = Field(..., description="Examples with a nonzero Lasso weight.")
-    iterations: int = Field(..., description="Coordinate-descent epochs of this query's Lasso solve.")
-    gap: float = Field(..., description="Final duality gap relative to 1/2 ||y_c||^2.")
-    converged: bool
-    # solver-side extras, useful when a result looks odd
-    model_config = ConfigDict(extra="allow")
-
-
-class Timing(BaseModel):
-    forward: float
-    measure: float
-    solve: float
-    total: float
-
-
 class ModelRef(BaseModel):
-    path: str
-    sha256: str
+    name: str = Field(..., description="The model directory's name (never the server's filesystem path).")
+    sha256: str = Field(..., description="Digest of its weight files: what identifies the model.")
 
 
 class StoreRef(BaseModel):
@@ -65,16 +49,11 @@ class StoreRef(BaseModel):
     num_subsets: int
 
 
-class AttributeResponse(BaseModel):
+class AttributeResponse(Attribution):
     request_id: str
     model: ModelRef
     store: StoreRef
-    loss: float = Field(..., description="Mean next-token NLL of the completion (or of the whole text).")
-    proponents: list[ScoredExample]
-    opponents: list[ScoredExample]
-    diagnostics: Diagnostics
-    timing_ms: Timing = Field(..., description="Of the batch that computed the answer (cached: of the original).")
-    cached: bool
+    cached: bool = Field(..., description="From the result cache; timings are then the original computation's.")
 
 
 class BatchResponse(BaseModel):
@@ -95,7 +74,8 @@ class InfoResponse(BaseModel):
     version: dict[str, str]
     model: ModelRef
     device: str
-    store: dict[str, Any]
+    store: dict[str, Any] = Field(..., description="Version, shapes, fit mode, layer, max_length (as built) and "
+                                  "window (tokens a query may have: max_length capped by the model's positions).")
     solver: dict[str, Any]
     limits: dict[str, Any]
     cache: dict[str, Any]

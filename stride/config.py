@@ -6,6 +6,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+# the query and result types live in stride.result; these names stay importable from here
+from stride.result import Attribution, Example, Query, Scored  # noqa: F401
+
 FitMode = Literal["revert", "add", "forget", "fidelity", "finetune"]
 FIT_MODES = ("revert", "add", "forget", "fidelity", "finetune")
 REFERENCE_MODES = ("revert", "add")  # modes that need a reference (pre-fine-tuning) checkpoint
@@ -115,40 +118,6 @@ class SolverConfig:
     tol: float = 1e-6  # stop when duality gap <= tol * primal objective (certified)
     first_order: bool = False  # linearised measurement for huge vocabularies
     top_v: int | None = None  # measurement: vocabulary slice (None: 256 when V > 512 or K*T*V*d > 2^33; 0: exact)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-@dataclass
-class Query:
-    prompt: str
-    completion: str | None = None
-
-
-@dataclass
-class Example:
-    index: int
-    id: str
-    text: str
-
-
-@dataclass
-class Scored:
-    rank: int
-    index: int
-    id: str
-    score: float
-    text: str | None = None
-
-
-@dataclass
-class Attribution:
-    loss: float
-    proponents: list[Scored]
-    opponents: list[Scored]
-    diagnostics: dict[str, Any]
-    timing_ms: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

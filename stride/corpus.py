@@ -24,10 +24,30 @@ class Record:
     id: str
     prompt: str  # "" for plain text examples: the loss then covers every token
     completion: str
+    messages: list[dict[str, str]] | None = None  # a chat example: the loss covers its assistant turns
 
     @property
     def text(self) -> str:
+        if self.messages is not None:
+            return "\n".join(f"{m['role']}: {m['content']}" for m in self.messages)
         return self.prompt + self.completion
+
+
+def parse_messages(messages: object, where: str) -> list[dict[str, str]]:
+    """A chat example's turns: a non-empty list of {role, content} strings with an assistant turn to learn."""
+    if not isinstance(messages, list) or not messages:
+        raise CorpusError(f"{where}: field 'messages' must be a non-empty list of {{role, content}} objects")
+    out = []
+    for j, m in enumerate(messages):
+        if not isinstance(m, dict) or set(m) != {"role", "content"}:
+            raise CorpusError(f"{where}: messages[{j}] must be an object with exactly 'role' and 'content'")
+        if not isinstance(m["role"], str) or not m["role"] or not isinstance(m["content"], str):
+            raise CorpusError(f"{where}: messages[{j}]: 'role' must be a non-empty string, 'content' a string")
+        out.append({"role": m["role"], "content": m["content"]})
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in out):
+        raise CorpusError(f"{where}: no non-empty assistant message: nothing to train on (the loss covers "
+                          "assistant turns only)")
+    return out
 
 
 def parse_record(obj: object, where: str, default_id: str) -> Record:
@@ -36,6 +56,10 @@ def parse_record(obj: object, where: str, default_id: str) -> Record:
     rid = obj.get("id", default_id)
     if not isinstance(rid, str) or not rid:
         raise CorpusError(f"{where}: field 'id' must be a non-empty string, got {repr(rid)[:60]}")
+    if "messages" in obj:
+        if {"text", "prompt", "completion"} & set(obj):
+            raise CorpusError(f"{where}: give 'messages', 'text' or 'prompt'+'completion', not several")
+        return Record(str(rid), "", "", parse_messages(obj["messages"], where))
     if "text" in obj:
         if "prompt" in obj or "completion" in obj:
             raise CorpusError(f"{where}: give either 'text' or 'prompt'+'completion', not both")
@@ -46,7 +70,7 @@ def parse_record(obj: object, where: str, default_id: str) -> Record:
     prompt, completion = obj.get("prompt"), obj.get("completion")
     if not isinstance(prompt, str) or not isinstance(completion, str):
         raise CorpusError(
-            f"{where}: needs a string 'text', or string 'prompt' and 'completion' fields"
+            f"{where}: needs a string 'text', string 'prompt' and 'completion' fields, or a 'messages' list"
         )
     if not completion.strip():
         raise CorpusError(f"{where}: field 'completion' must be non-empty")

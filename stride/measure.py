@@ -30,6 +30,16 @@ def query_losses(lm: LM, z: Tensor, targets: Tensor, logits: Tensor | None = Non
     return nll.sum(1) / (targets != -100).sum(1).clamp_min(1)
 
 
+def token_nll(lm: LM, z: Tensor, targets: Tensor) -> Tensor:
+    """Each target's NLL, 0 where there is none: (Q, T). Only the targeted positions' logits are
+    formed, so a query pays the LM head for its completion tokens alone."""
+    out = torch.zeros(targets.shape, dtype=torch.float32, device=z.device)
+    keep = targets != -100
+    if bool(keep.any()):
+        out[keep] = F.cross_entropy(lm.logits(z[keep]).float(), targets[keep], reduction="none")
+    return out
+
+
 EXACT_LIMIT = 1 << 33  # K T V d multiply-adds per query beyond which the exact drop is never the default
 TOP_V = 256  # the default slice's width
 

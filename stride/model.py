@@ -53,6 +53,22 @@ def weights_sha256(model_dir: str | Path) -> str:
     return h.hexdigest()
 
 
+@dataclass
+class Tokens:
+    """One row's token ids and which of them are scored (targets; token 0 never is: nothing predicts it)."""
+
+    ids: list[int]
+    scored: list[bool]
+    first: int  # the completion's first token: answers list tokens[first:] with their losses
+    offsets: list[tuple[int, int]] | None = None  # character range of each token in ``text``
+    text: str | None = None
+    start: int = 0  # where the (last) scored stretch starts in ``text``
+
+
+class NoChatTemplate(ValueError):
+    """A chat conversation for a tokenizer that cannot render one."""
+
+
 class ModelMismatchError(ValueError):
     """Two models that must share tokenizer and architecture do not; the message says what differs."""
 
@@ -82,8 +98,11 @@ class LM:
         self.model = model.to(device).eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.device = device
-        self.max_length = max_length
         cfg = model.config
+        # the model's position window bounds every row: past it the forward pass fails (on CUDA with a
+        # device-side assert that poisons the process); the demo model has 64 positions, its store 256
+        window = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+        self.max_length = min(max_length, int(window)) if window else max_length
         self.num_layers = int(getattr(cfg, "num_hidden_layers", getattr(cfg, "n_layer", 0)))
         head = model.get_output_embeddings()
         self.unembed = head.weight  # (V, d)
@@ -107,31 +126,67 @@ class LM:
     def hidden_size(self) -> int:
         return int(self.unembed.shape[1])
 
-    def token_ids(self, rec: Record) -> tuple[list[int], int]:
-        """Token ids and the number of leading (prompt) tokens that are not scored."""
+    def token_ids(self, rec: Record) -> Tokens:
+        """A corpus record's tokens: prompt (not scored) then completion, or a chat conversation
+        scored on its assistant turns. Over-long records keep the completion and lose the prompt's start."""
         tok = self.tokenizer
+        if rec.messages is not None:
+            t = self.chat_tokens(rec.messages, last_only=False)
+            cut = max(0, len(t.ids) - self.max_length)  # a long conversation loses its start
+            return Tokens(t.ids[cut:], [False] + t.scored[cut + 1 :], max(t.first - cut, 1))
         if not rec.prompt:
-            ids = tok(rec.completion, add_special_tokens=True)["input_ids"]
-            return ids[-self.max_length :], 1
+            ids = tok(rec.completion, add_special_tokens=True)["input_ids"][-self.max_length :]
+            return Tokens(ids, [False] + [True] * (len(ids) - 1), 1)
         p = tok(rec.prompt, add_special_tokens=True)["input_ids"]
         c = tok(rec.completion, add_special_tokens=False)["input_ids"]
         c = c[: self.max_length - 1]
         p = p[-(self.max_length - len(c)) :] if len(p) + len(c) > self.max_length else p
-        return p + c, max(len(p), 1)
+        skip = max(len(p), 1)
+        return Tokens(p + c, [t >= skip for t in range(len(p) + len(c))], skip)
 
-    def encode(self, records: list[Record]) -> Batch:
+    def chat_tokens(self, messages: list, last_only: bool) -> Tokens:
+        """A conversation rendered with the tokenizer's own chat template, scored on the assistant
+        turns (``last_only``: the last message alone, the completion of a chat query).
+
+        Each assistant turn is the text between the conversation rendered up to it (with the
+        generation prompt) and rendered through it; tokens starting inside such a stretch are scored.
+        """
+        tok = self.tokenizer
+        if not getattr(tok, "chat_template", None):
+            raise NoChatTemplate("the model's tokenizer has no chat template (chat_template in "
+                                 "tokenizer_config.json); send prompt and completion text instead")
+        msgs = [m if isinstance(m, dict) else m.model_dump() for m in messages]
+        render = lambda ms, gen: tok.apply_chat_template(ms, tokenize=False, add_generation_prompt=gen)  # noqa: E731
+        full = render(msgs, False)
+        turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+        stretches = []
+        for i in turns[-1:] if last_only else turns:
+            before, through = render(msgs[:i], True) if i else "", render(msgs[: i + 1], False)
+            if not (full.startswith(through) and through.startswith(before)):
+                raise NoChatTemplate("the chat template does not render a conversation's start as a prefix of "
+                                     "the whole, so the assistant's tokens cannot be located")
+            stretches.append((len(before), len(through)))
+        start = stretches[-1][0] if stretches else len(full)
+        enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
+        ids = enc["input_ids"]
+        scored = [any(a <= s < b for a, b in stretches) for s, _ in enc["offset_mapping"]]
+        first = next((t for t, on in enumerate(scored) if on), len(ids))
+        return Tokens(ids, [False] + scored[1:], first, offsets=[tuple(o) for o in enc["offset_mapping"]],
+                      text=full, start=start)
+
+    def encode(self, records: list[Record] | list[Tokens]) -> Batch:
         """Right-padded batch; targets[b, t] is the token at t+1 when t+1 is scored."""
-        rows = [self.token_ids(r) for r in records]
-        width = max(len(ids) for ids, _ in rows)
+        rows = [r if isinstance(r, Tokens) else self.token_ids(r) for r in records]
+        width = max(len(r.ids) for r in rows)
         input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         targets = torch.full((len(rows), width), -100, dtype=torch.long)
-        for b, (ids, skip) in enumerate(rows):
-            n = len(ids)
-            input_ids[b, :n] = torch.tensor(ids)
+        for b, r in enumerate(rows):
+            n = len(r.ids)
+            input_ids[b, :n] = torch.tensor(r.ids)
             mask[b, :n] = 1
-            if n > skip:
-                targets[b, skip - 1 : n - 1] = input_ids[b, skip:n]
+            on = torch.tensor(r.scored[1:n], dtype=torch.bool)
+            targets[b, : n - 1] = input_ids[b, 1:n].masked_fill(~on, -100)
         return Batch(input_ids, mask, targets)
 
     @torch.no_grad()

@@ -19,8 +19,8 @@ from app.cache import Breaker, cache_key
 from app.main import create_app
 from app.middleware import JsonFormatter
 from app.settings import Settings
-from stride.config import Query
 from stride.query import Attributor
+from stride.result import Query
 
 PROBLEM = "application/problem+json"
 
@@ -163,9 +163,18 @@ def test_attribute_matches_in_process_api(attributor: Attributor, demo_store: Pa
             assert all(s["text"] is None for s in r.json()["proponents"])
             assert r.json()["request_id"] == r.headers["x-request-id"] and len(r.json()["request_id"]) == 32
 
-            # longer than the demo model's 64 positions: truncated like any over-long query, not a 500
-            r = await c.post("/v1/attribute", json={"prompt": " ".join([q["prompt"]] * 20)})
+            assert body["warnings"] == [] and body["scored_text"] == q["completion"].strip()
+            assert [t["scored"] for t in body["tokens"]] == [True] * len(body["tokens"]) and body["tokens"]
+            assert "path" not in body["model"] and body["model"]["name"] == "model"
+
+            # longer than the demo model's 64 positions: the prompt loses its start, and the answer says so
+            long_prompt = " ".join([q["prompt"]] * 20)
+            r = await c.post("/v1/attribute", json={"prompt": long_prompt, "completion": q["completion"]})
             assert r.status_code == 200, r.text
+            warnings = r.json()["warnings"]
+            assert [w["code"] for w in warnings] == ["truncated"] and "64" in warnings[0]["detail"]
+            # ... but tokens to score that cannot fit are refused, never cut silently
+            assert "64" in assert_problem(await c.post("/v1/attribute", json={"prompt": long_prompt}), 413)["detail"]
 
             r = await c.post("/v1/attribute/batch", json={"queries": [queries[1], queries[2], queries[1]]})
             assert r.status_code == 200, r.text
@@ -186,12 +195,17 @@ def test_examples_info_health_metrics(attributor: Attributor, demo_store: Path) 
             assert r.status_code == 200 and r.json()["text"] == ex.text and r.json()["index"] == 3
             r = await c.get("/v1/examples/3")
             assert r.status_code == 200 and r.json()["id"] == ex.id
+            for lookalike in ("03", "0_3", "%203", "\u0663", "+3", "3.0"):  # only plain digits index
+                assert_problem(await c.get(f"/v1/examples/{lookalike}"), 404)
             assert_problem(await c.get("/v1/examples/no-such-example"), 404)
             assert_problem(await c.get(f"/v1/examples/{attributor.num_examples}"), 404)
             assert_problem(await c.get("/v1/nothing-here"), 404)
 
-            info = (await c.get("/v1/info")).json()
+            r = await c.get("/v1/info")
+            info = r.json()
             assert info["store"]["version"] == attributor.store.version
+            assert info["store"]["window"] == 64 and info["store"]["max_length"] == attributor.store.config.max_length
+            assert str(demo_store.parent) not in r.text and "path" not in info["model"]  # no server paths
             assert info["solver"] == attributor.solver.to_dict()
             assert info["limits"]["max_top_k"] == 100 and info["cache"]["enabled"] is False
             assert (await c.get("/healthz")).json() == {"status": "ok", "checks": {}}
@@ -430,6 +444,20 @@ def test_bad_input_is_problem_json_never_500(attributor: Attributor, demo_store:
                 assert body["errors"]
             assert_problem(await c.post("/v1/attribute", content=b"{not json",
                                         headers={"content-type": "application/json"}), 422)
+            # strict types: a bool is no count, a string or a number no bool, "" no completion
+            for bad in ({"top_k": True}, {"include_text": "yes"}, {"include_text": 0}, {"completion": ""},
+                        {"span": [3, 1]}, {"prompt_ids": [1, 2]}, {"messages": [{"role": "user", "content": "x"}]}):
+                body = assert_problem(await c.post("/v1/attribute", json={**queries[0], **bad}), 422)
+                assert body["errors"], bad
+            # not declared as JSON: 415, even when the bytes are JSON
+            form = await c.post("/v1/attribute", content=json.dumps(queries[0]).encode(),
+                                headers={"content-type": "application/x-www-form-urlencoded"})
+            assert assert_problem(form, 415)["type"].endswith("unsupported-media-type")
+            assert_problem(await c.post("/v1/attribute/batch", content=b"{}", headers={"content-type": "text/plain"}),
+                           415)
+            r = await c.post("/v1/attribute", json=queries[0],
+                             headers={"content-type": "application/json; charset=utf-8"})
+            assert r.status_code == 200
             capped = assert_problem(await c.post("/v1/attribute", json={"prompt": secret, "top_k": 21}), 422)
             assert "20" in capped["detail"]
             assert_problem(await c.post("/v1/attribute/batch", json={"queries": []}), 422)
@@ -454,6 +482,8 @@ def test_bad_input_is_problem_json_never_500(attributor: Attributor, demo_store:
             assert_problem(await c.post("/v1/attribute/batch", json=three), 413)
             r = await c.post("/v1/attribute/batch", json={"queries": [queries[0], {"prompt": "w", "top_k": 99}]})
             assert "queries.1" in json.dumps(assert_problem(r, 422))
+            r = await c.post("/v1/attribute/batch", json={"queries": [queries[0], {"prompt": "word"}]})
+            assert assert_problem(r, 422)["detail"].startswith("queries[1]: ")
             r = await c.post("/v1/attribute", json=queries[0], headers={"X-Request-ID": "bad id with spaces"})
             assert r.status_code == 200 and re.fullmatch(r"[0-9a-f]{32}", r.headers["x-request-id"])
 
