@@ -253,6 +253,9 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         raise StoreError(
             f"{mf}: format version {manifest.get('format_version')!r}, this code reads {', '.join(map(str, READS))}"
         )
+    missing = [k for k in ("files", "model", "corpus", "config", "shapes") if not isinstance(manifest.get(k), dict)]
+    if missing:  # a KeyError traceback later otherwise
+        raise StoreError(f"{mf}: no {', '.join(missing)} object in the manifest (not written by `stride build`?)")
     return manifest
 
 
