@@ -25,10 +25,11 @@ $(DEMO)/model/config.json: | venv
 	@echo "== make demo 1/3: training the demo model (about 1 min on a quiet 2-core machine; progress every 5 s)"
 	$(BIN)/stride demo-assets --out $(DEMO)
 
-# the demo's build options are in $(DEMO)/build.json (stride/demo.py's DEMO_BUILD: 100 visits, and why)
+# the demo's build options are in $(DEMO)/build.json (stride/demo.py's DEMO_BUILD: 100 visits, and why);
+# one thread: 41 s of CPU against ~235 s on two threads at load 13 (stride/demo.py's one_thread)
 $(DEMO)/store/manifest.json: $(DEMO)/model/config.json
 	@echo "== make demo 2/3: building the operator store (about 1 min on a quiet 2-core machine; progress every 5 s)"
-	$(BIN)/stride build --model $(DEMO)/model --data $(DEMO)/corpus.jsonl --out $(DEMO)/store --config $(DEMO)/build.json
+	OMP_NUM_THREADS=1 $(BIN)/stride build --model $(DEMO)/model --data $(DEMO)/corpus.jsonl --out $(DEMO)/store --config $(DEMO)/build.json
 
 demo-store: $(DEMO)/store/manifest.json
 

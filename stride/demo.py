@@ -123,9 +123,11 @@ def initial_model(spec: DemoSpec, tokenizer):
 
 
 @contextmanager
-def _one_thread() -> Iterator[None]:
-    """Train on one intra-op thread: the model is too small for two to help. A step (batch 32, 14
-    positions) took 58 ms on one thread and 233 ms on two at load average 6 on the 2-core machine."""
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for the demo's training and build: the model is too small for two to help.
+    A training step (batch 32, 14 positions) took 58 ms on one thread and 233 ms on two at load
+    average 6 on the 2-core machine; the demo build (100 visits) 41 s of CPU on one thread against
+    ~235 s on two (load 13)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -135,7 +137,7 @@ def _one_thread() -> Iterator[None]:
 
 
 def train_model(spec: DemoSpec, tokenizer, texts: list[str]):
-    with _one_thread():
+    with one_thread():
         return _train(spec, tokenizer, texts)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from stride.config import BuildConfig
-from stride.demo import write_demo_assets
+from stride.demo import one_thread, write_demo_assets
 from worker.build import build
 
 
@@ -26,7 +26,8 @@ def demo_store(demo_dir: Path) -> Path:
     store of the session: a test that needs a served store takes this one rather than building its own."""
     logging.getLogger("stride").setLevel(logging.WARNING)
     config = BuildConfig.from_dict(json.loads((demo_dir / "build.json").read_text()))
-    return build(demo_dir / "model", demo_dir / "corpus.jsonl", demo_dir / "store", config, show_progress=False)
+    with one_thread():
+        return build(demo_dir / "model", demo_dir / "corpus.jsonl", demo_dir / "store", config, show_progress=False)
 
 
 # --- service tests: a real Redis --------------------------------------------------------------
