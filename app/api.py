@@ -169,7 +169,7 @@ async def healthz() -> dict[str, Any]:
 @probes.get("/readyz", response_model=Health, responses=problem_docs(503))
 async def readyz(engine: ReadyEngine) -> Any:
     """Model and store loaded and warmed up (readiness). Redis is reported but never required."""
-    cache = "disabled" if engine.cache is None else ("breaker-open" if engine.cache.breaker.open else "ok")
+    cache = "disabled" if engine.cache is None else await engine.cache.status()
     return JSONResponse({"status": "ready", "checks": {"model": True, "store": True, "warm": True,
                                                        "cache": cache}})
 

@@ -5,14 +5,20 @@ A single worker task drains a bounded queue: up to ``max_batch`` queries go to
 meanwhile), and queries that arrive during a batch form the next one. The first query waits at most
 ``max_wait_ms`` for company, and only while the batch holds fewer queries than were in flight at once
 since the last batch started (clients just answered are likely to come back): a lone client never
-waits, a crowd fills its batches. A full queue refuses at once (503), a query past its deadline is
-dropped (504).
+waits, a crowd fills its batches.
+
+Overload is refused early rather than served late: a query is shed at once (503 + Retry-After) when
+the queue is full or when the batches ahead of it are predicted (from recent batch times) to take
+longer than ``max_queue_wait_s`` or than its own deadline; a query whose deadline (counted from the
+request's arrival) passes, or would pass before its batch could finish, is dropped before any model
+work is spent on it (504).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -49,9 +55,11 @@ class Job:
 
 class MicroBatcher:
     def __init__(self, run: RunBatch, *, max_batch: int, max_wait_ms: float, queue_max: int,
-                 initializer: Callable[[], object] | None = None):
+                 initializer: Callable[[], object] | None = None, max_queue_wait_s: float = math.inf):
         self._run = run
-        self.max_batch, self.max_wait = max_batch, max_wait_ms / 1e3
+        self.max_batch, self.max_wait, self.max_queue_wait = max_batch, max_wait_ms / 1e3, max_queue_wait_s
+        self.batch_s: float | None = None  # moving average of a batch's model time; None until one ran
+        self._busy = False  # a batch is on the model thread
         self._inflight = 0  # submitted, not yet answered
         self._peak = 0  # most in flight at once since the last batch started: what the next one waits for
         self._queue: asyncio.Queue[Job] = asyncio.Queue(maxsize=queue_max)
@@ -74,14 +82,33 @@ class MicroBatcher:
         self._executor.shutdown(wait=True)
 
     async def run_now(self, queries: list[Query], top_k: int, include_text: bool) -> list[Attribution]:
-        """Bypass the queue (warm-up); still off the event loop, on the model thread."""
+        """Bypass the queue (warm-up); still off the event loop, on the model thread. Its time seeds
+        the batch-time average the shedding predicts with."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._run, queries, top_k, include_text)
+        t0 = time.perf_counter()
+        out = await loop.run_in_executor(self._executor, self._run, queries, top_k, include_text)
+        self._observe(time.perf_counter() - t0)
+        return out
+
+    def _observe(self, seconds: float) -> None:
+        self.batch_s = seconds if self.batch_s is None else 0.8 * self.batch_s + 0.2 * seconds
+
+    def predicted_wait(self) -> float:
+        """Seconds until a query submitted now would be answered: the batches queued ahead of it, its
+        own, and the one running (0 until a batch time has been measured)."""
+        if self.batch_s is None:
+            return 0.0
+        return (math.ceil((self._queue.qsize() + 1) / self.max_batch) + self._busy) * self.batch_s
 
     async def submit(self, query: Query, top_k: int, include_text: bool, timeout: float) -> Attribution:
         loop = asyncio.get_running_loop()
         if self._task is None or self._task.done():
             raise Stopped("the batcher is not running")
+        wait = self.predicted_wait()
+        if wait > min(self.max_queue_wait, timeout):
+            metrics.REJECTED.labels("shed").inc()
+            raise Overloaded(f"the queries ahead would take about {wait:.2f} s, over the "
+                             f"{min(self.max_queue_wait, timeout):.2f} s allowed") from None
         job = Job(query, top_k, include_text, loop.time() + timeout, loop.create_future())
         try:
             self._queue.put_nowait(job)
@@ -125,21 +152,25 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         while True:
             batch = await self._collect()
-            now = loop.time()
-            live = [j for j in batch if not j.abandoned and not j.future.done() and j.deadline > now]
+            live = self._drop_late(batch, loop.time())
             if not live:
                 continue
             top_k = max(j.top_k for j in live)
             text = any(j.include_text for j in live)
             t0 = time.perf_counter()
+            self._busy = True
             try:
                 results = await loop.run_in_executor(self._executor, self._compute, [j.query for j in live],
                                                      top_k, text)
             except Exception as e:  # the engine itself failed: every query in the batch fails
                 log.exception("batch failed", extra={"batch_size": len(live)})
                 results = [e] * len(live)
+            finally:
+                self._busy = False
+            elapsed = time.perf_counter() - t0
+            self._observe(elapsed)
             metrics.BATCH_SIZE.observe(len(live))
-            metrics.BATCH_SECONDS.observe(time.perf_counter() - t0)
+            metrics.BATCH_SECONDS.observe(elapsed)
             for job, res in zip(live, results, strict=True):
                 if job.future.done() or job.abandoned:
                     continue
@@ -147,6 +178,22 @@ class MicroBatcher:
                     job.future.set_exception(res)
                 else:
                     job.future.set_result(_trim(res, job.top_k, job.include_text))
+
+    def _drop_late(self, batch: list[Job], now: float) -> list[Job]:
+        """The jobs still worth computing: not abandoned, and able to finish before their deadline
+        at the current batch time. The others are answered 504 now, before any model work."""
+        finish = now + (self.batch_s or 0.0)
+        live = []
+        for j in batch:
+            if j.abandoned or j.future.done():
+                continue
+            if j.deadline <= finish:
+                metrics.REJECTED.labels("expired").inc()
+                j.future.set_exception(DeadlineExceeded(
+                    "the deadline passes before this query could be computed; it was dropped unanswered"))
+                continue
+            live.append(j)
+        return live
 
     def _compute(self, queries: list[Query], top_k: int, text: bool) -> list[Attribution | Exception]:
         """One batched call; if one query is unanswerable (QueryError), answer the rest one by one."""

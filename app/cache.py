@@ -121,6 +121,13 @@ class ResultCache:
         except (RedisError, OSError, TimeoutError):
             return False
 
+    async def status(self) -> str:
+        """What readiness reports: ``ok`` only when Redis answers a ping now (within the call budget),
+        ``unreachable`` when it does not, ``breaker-open`` while Redis is being skipped."""
+        if self.breaker.open:
+            return "breaker-open"
+        return "ok" if await self.ping() else "unreachable"
+
     async def close(self) -> None:
         try:
             await self._redis.aclose()

@@ -14,10 +14,10 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 import stride
-from app import api, errors, metrics, ui
+from app import api, docs, errors, metrics, ui
 from app.engine import Engine
 from app.logs import setup_logging
-from app.middleware import OPEN_PATHS, ApiKeyAuth, BodyLimit, RequestContext
+from app.middleware import OPEN_PATHS, ApiKeyAuth, BodyLimit, InflightLimit, RequestContext
 from app.settings import Settings
 from stride.query import Attributor
 
@@ -53,6 +53,7 @@ def create_app(settings: Settings | None = None, attributor: Attributor | None =
 
     app = FastAPI(
         title="STRIDE attribution service", version=stride.__version__, lifespan=lifespan,
+        docs_url=None, redoc_url=None,  # app/docs.py serves both, with local assets
         description="Which training examples made this model produce this output? One forward pass and one "
                     "sparse solve per query, micro-batched. Errors are RFC 9457 `application/problem+json`. "
                     "When `STRIDE_API_KEYS` is set, send `Authorization: Bearer KEY` or `X-API-Key: KEY`.",
@@ -61,15 +62,17 @@ def create_app(settings: Settings | None = None, attributor: Attributor | None =
     errors.install(app, settings.retry_after_s)
     # added innermost first: RequestContext wraps everything, so even a 401 or 413 has a request id,
     # and the key is checked before any body is buffered
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(ApiKeyAuth, keys=settings.keys(),
-                       open_paths=OPEN_PATHS if settings.metrics_need_key else OPEN_PATHS | {"/metrics"})
+    open_paths = OPEN_PATHS if settings.metrics_need_key else OPEN_PATHS | {"/metrics"}
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
+    app.add_middleware(ApiKeyAuth, keys=settings.keys(), open_paths=open_paths)
+    app.add_middleware(InflightLimit, max_inflight=settings.max_inflight, retry_after_s=settings.retry_after_s)
     app.add_middleware(RequestContext)
 
     # routers: one line each (the dashboard's, admin's ... go here too)
     app.include_router(api.v1)
     app.include_router(api.probes)
     app.include_router(ui.router)
+    docs.install(app, keyed=bool(settings.keys()), open_paths=open_paths)
     return app
 
 

@@ -1,4 +1,5 @@
-"""Pure-ASGI middleware: request ids + access log + metrics, body-size limit, API-key auth.
+"""Pure-ASGI middleware: request ids + access log + metrics, in-flight limit, body size and read
+timeout, API-key auth.
 
 Pure ASGI (not ``BaseHTTPMiddleware``) so streaming, cancellation and contextvars behave, and so
 errors raised here are problem documents carrying the request id like any other.
@@ -6,6 +7,7 @@ errors raised here are problem documents carrying the request id like any other.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -17,14 +19,23 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import metrics
-from app.context import request_id_var
+from app.context import arrival_var, request_id_var
 from app.errors import problem_body
 
 log = logging.getLogger("stride.app.access")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/ui"})
-# the dashboard's static files (app/ui.py serves only the names it ships): the page asks for the key
-OPEN_PREFIXES = ("/ui/",)
+# /docs and /redoc under the same rule: open, like the /openapi.json they render
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/ui"})
+# the dashboard's static files (app/ui.py serves only the names it ships): the page asks for the key;
+# the docs pages' scripts and styles (app/docs.py)
+OPEN_PREFIXES = ("/ui/", "/docs/static/")
+# never shed by the in-flight limit: an orchestrator must see the probes and metrics under overload
+UNLIMITED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+def is_open(path: str, open_paths: frozenset[str] = OPEN_PATHS) -> bool:
+    """Whether ``path`` is served without a key (the OpenAPI security declaration uses the same rule)."""
+    return path in open_paths or path.startswith(OPEN_PREFIXES)
 
 
 async def send_problem(send: Send, status: int, detail: str, path: str,
@@ -56,6 +67,7 @@ class RequestContext:
         given = _header(scope, b"x-request-id")
         rid = given if given and _SAFE_ID.match(given) else uuid.uuid4().hex
         token = request_id_var.set(rid)
+        arrived = arrival_var.set(asyncio.get_running_loop().time())  # the deadline counts from here
         status, started = 500, False
         t0 = time.perf_counter()
 
@@ -82,13 +94,41 @@ class RequestContext:
             log.info("request", extra={"request_id": rid, "method": scope["method"], "route": route,
                                        "status": status, "duration_ms": round(elapsed * 1e3, 2)})
             request_id_var.reset(token)
+            arrival_var.reset(arrived)
+
+
+class InflightLimit:
+    """503 + Retry-After for a request beyond ``max_inflight`` in progress: a bound on the memory and
+    event-loop time that a flood of connections can take, before any body is read. Probes and
+    /metrics are never refused (an orchestrator must see an overloaded pod as alive)."""
+
+    def __init__(self, app: ASGIApp, max_inflight: int, retry_after_s: int):
+        self.app, self.max_inflight, self.retry_after = app, max_inflight, str(retry_after_s)
+        self.inflight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in UNLIMITED_PATHS:
+            await self.app(scope, receive, send)
+            return
+        if self.inflight >= self.max_inflight:
+            metrics.REJECTED.labels("inflight").inc()
+            await send_problem(send, 503, f"overloaded: {self.max_inflight} requests are already in progress",
+                               scope["path"], {"Retry-After": self.retry_after})
+            return
+        self.inflight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.inflight -= 1
 
 
 class BodyLimit:
-    """413 for a body over ``max_bytes``, declared or streamed, before any handler reads it."""
+    """413 for a body over ``max_bytes``, declared or streamed, and 408 for one not received within
+    ``timeout_s`` (a body shorter than its Content-Length used to hold its connection open for
+    good), both before any handler runs: the whole body is read here, then replayed to the app."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float = 10.0):
+        self.app, self.max_bytes, self.timeout = app, max_bytes, timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -99,16 +139,21 @@ class BodyLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await send_problem(send, 413, detail, scope["path"])
             return
-        if declared is not None:
-            await self.app(scope, receive, send)
-            return
-        # chunked upload: buffer up to the limit, then replay it to the app
         chunks: list[bytes] = []
         size, more = 0, True
+        deadline = asyncio.get_running_loop().time() + self.timeout
         while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                break
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                # Connection: close, so the server drops the rest of a body that may never come
+                await send_problem(send, 408, f"the request body was not received within {self.timeout:g} s "
+                                   f"({size} bytes arrived{'' if declared is None else ' of ' + declared})",
+                                   scope["path"], {"Connection": "close"})
+                return
+            if message["type"] == "http.disconnect":
+                return  # the client left: nobody to answer
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
@@ -142,8 +187,7 @@ class ApiKeyAuth:
         return ok
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "")
-        if scope["type"] != "http" or not self.keys or path in self.open_paths or path.startswith(OPEN_PREFIXES):
+        if scope["type"] != "http" or not self.keys or is_open(scope["path"], self.open_paths):
             await self.app(scope, receive, send)
             return
         given = _header(scope, b"x-api-key")

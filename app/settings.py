@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 
 class Settings(BaseSettings):
@@ -37,11 +40,42 @@ class Settings(BaseSettings):
     queue_max: int = Field(256, ge=1, description="Queued queries beyond which requests get 503.")
     torch_threads: int = Field(0, ge=0, description="Intra-op threads of the model thread on CPU (process-wide); "
                                "0 leaves torch's default, one per core.")
-    request_timeout_s: float = Field(30.0, gt=0, description="Deadline per request; past it, 504.")
+    request_timeout_s: float = Field(30.0, gt=0, description="Deadline per request from its arrival, queueing "
+                                     "included; past it, 504.")
     retry_after_s: int = Field(1, ge=1)
+    max_queue_wait_s: float = Field(2.0, gt=0, description="Shed a query (503 + Retry-After) when the queue ahead "
+                                    "of it is predicted to take longer than this, instead of letting latency grow.")
+    max_inflight: int = Field(512, ge=1, description="HTTP requests in progress (probes and /metrics excepted) "
+                              "beyond which new ones get 503 + Retry-After.")
+    body_timeout_s: float = Field(10.0, gt=0, description="Time to receive a whole request body; a slower or "
+                                  "short body gets 408 and its connection closed.")
+    keepalive_s: float = Field(75.0, gt=0, description="Idle keep-alive connections close after this; longer "
+                               "than clients' pool expiry (httpx 5 s, aiohttp 15 s) so a reused connection is not "
+                               "closed under a request in flight.")
+    graceful_shutdown_s: float = Field(30.0, gt=0, description="On SIGTERM, how long in-flight requests may finish.")
 
     log_level: str = "INFO"
     log_prompts: bool = Field(False, description="Log prompt text (off: logs carry no user text).")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, url: str | None) -> str | None:
+        """Checked when the settings are read, before any model loads (a typo used to surface 40 s later)."""
+        if not url:
+            return None
+        parts = urlsplit(url)
+        if parts.scheme not in REDIS_SCHEMES:
+            raise ValueError(f"{url!r}: the scheme must be one of {', '.join(REDIS_SCHEMES)} (redis://host:port/db)")
+        try:
+            _ = parts.port  # parsed lazily: raises on a port that is no number or out of range
+        except ValueError as e:
+            raise ValueError(f"{url!r}: {e}") from None
+        db = parts.path.strip("/")
+        if parts.scheme != "unix" and not parts.hostname:
+            raise ValueError(f"{url!r}: no host (redis://host:port/db)")
+        if parts.scheme != "unix" and db and not db.isdigit():
+            raise ValueError(f"{url!r}: the database must be a number, not {db!r}")
+        return url
 
     def keys(self) -> list[str]:
         return [k.strip() for k in self.api_keys.split(",") if k.strip()]

@@ -98,3 +98,64 @@ def private_redis() -> object:
     server = RedisServer()
     yield server
     server.stop()
+
+
+# --- a real server process: `stride serve` on the session's demo store ---------------------------
+
+
+class LiveServer:
+    """``stride serve`` in its own process on a free port (the way it is deployed), its stderr kept
+    in a file; up once /readyz answers 200."""
+
+    def __init__(self, store: Path, log: Path, **env: str) -> None:
+        import os
+        import shutil
+        import subprocess
+        import sys
+        import time
+        import urllib.request
+
+        self.port, self.log = _free_port(), log
+        self.url = f"http://127.0.0.1:{self.port}"
+        exe = shutil.which("stride", path=str(Path(sys.executable).parent)) or "stride"
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("STRIDE_")}
+        self.proc = subprocess.Popen(
+            [exe, "serve", "--store", str(store), "--port", str(self.port)],
+            env={**clean, "STRIDE_DEVICE": "cpu", "STRIDE_TORCH_THREADS": "1", **env},
+            stdout=subprocess.DEVNULL, stderr=log.open("wb"),
+        )
+        deadline = time.monotonic() + 300  # model load, sha256 of the store, warm-up; minutes on a loaded CPU
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"stride serve exited with {self.proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(self.url + "/readyz", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"stride serve not ready in 300 s:\n{log.read_text()[-3000:]}")
+
+    def stop(self) -> int | None:
+        """SIGTERM (a graceful drain), then the exit status."""
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def live_server(demo_store: Path, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> object:
+    """A keyed server with the Redis cache, shared by the fuzz and hardening tests."""
+    server = LiveServer(demo_store, tmp_path_factory.mktemp("serve") / "stderr.log", STRIDE_API_KEYS="test-key",
+                        STRIDE_REDIS_URL=redis_url, STRIDE_CACHE_NAMESPACE="live")
+    server.key = "test-key"
+    yield server
+    server.stop()
