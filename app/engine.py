@@ -13,10 +13,11 @@ import torch
 import stride
 from app.batcher import MicroBatcher
 from app.cache import Breaker, ResultCache, SingleFlight, cache_key
-from app.schemas import AttributeRequest, ModelRef, StoreRef
+from app.context import arrival_var
+from app.schemas import AttributeRequest
 from app.settings import Settings
 from stride.query import Attributor
-from stride.result import Attribution, Query
+from stride.result import Attribution, ModelRef, Query, StoreRef
 
 log = logging.getLogger("stride.app")
 
@@ -38,7 +39,7 @@ class Engine:
         init = None if self.threads is None else (lambda: torch.set_num_threads(self.threads))
         self.batcher = MicroBatcher(attributor.attribute_batch, max_batch=settings.batch_max_size,
                                     max_wait_ms=settings.batch_max_wait_ms, queue_max=settings.queue_max,
-                                    initializer=init)
+                                    initializer=init, max_queue_wait_s=settings.max_queue_wait_s)
         self.cache: ResultCache | None = None
         if settings.redis_url:
             self.cache = ResultCache(settings.redis_url, ttl_s=settings.cache_ttl_s,
@@ -84,7 +85,7 @@ class Engine:
     async def attribute(self, req: AttributeRequest, timeout: float) -> tuple[bytes, bool]:
         """(payload JSON without request id, cached). Raises the batcher's errors and QueryError."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        deadline = (arrival_var.get() or loop.time()) + timeout  # from the request's arrival
         key = cache_key(self.settings.cache_namespace, req.normalised(), self.fingerprint)
         if self.cache is not None:
             hit = await self.cache.get(key)

@@ -1,6 +1,7 @@
 """HTTP bodies, derived from the library's one contract (``stride.result``): a request is a
-``Query`` plus paging fields, an answer is an ``Attribution`` plus what identifies it. The examples
-feed the OpenAPI page at ``/docs`` and are real demo facts (``app/examples.py``)."""
+``Query`` plus paging fields; answers are ``stride.result.Answer`` & co. themselves, which
+``stride.client`` parses too. The examples feed the OpenAPI page at ``/docs`` and are real demo
+facts (``app/examples.py``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from app.examples import EXAMPLE_QUERIES
-from stride.result import Attribution, Query
+from stride.result import Answer, BatchAnswer, ExampleAnswer, ModelRef, Query
+
+# the answers are the library's own types, under the names the routes use
+AttributeResponse, BatchResponse, ExampleResponse = Answer, BatchAnswer, ExampleAnswer
 
 
 class AttributeRequest(Query):
@@ -36,38 +40,6 @@ class BatchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"queries": EXAMPLE_QUERIES[:2]}]})
 
     queries: list[AttributeRequest] = Field(..., min_length=1, description="Answered in order (capped).")
-
-
-class ModelRef(BaseModel):
-    name: str = Field(..., description="The model directory's name (never the server's filesystem path).")
-    sha256: str = Field(..., description="Digest of its weight files: what identifies the model.")
-
-
-class StoreRef(BaseModel):
-    version: str
-    num_examples: int
-    num_subsets: int
-
-
-class AttributeResponse(Attribution):
-    request_id: str
-    model: ModelRef
-    store: StoreRef
-    cached: bool = Field(..., description="From the result cache; timings are then the original computation's.")
-
-
-class BatchResponse(BaseModel):
-    request_id: str
-    results: list[AttributeResponse]
-
-
-class ExampleResponse(BaseModel):
-    request_id: str
-    index: int
-    id: str
-    text: str
-    num_chars: int
-    store_version: str
 
 
 class InfoResponse(BaseModel):

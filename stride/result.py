@@ -175,3 +175,37 @@ class Example(BaseModel):
     index: int
     id: str
     text: str
+
+
+# --- what the HTTP service answers (the server and stride.client share these) -------------------
+
+
+class ModelRef(BaseModel):
+    name: str = Field(..., description="The model directory's name (never the server's filesystem path).")
+    sha256: str = Field(..., description="Digest of its weight files: what identifies the model.")
+
+
+class StoreRef(BaseModel):
+    version: str
+    num_examples: int
+    num_subsets: int
+
+
+class Answer(Attribution):
+    """An ``Attribution`` as the service sends it: which request, model and store, and whether cached."""
+
+    request_id: str
+    model: ModelRef
+    store: StoreRef
+    cached: bool = Field(..., description="From the result cache; timings are then the original computation's.")
+
+
+class BatchAnswer(BaseModel):
+    request_id: str
+    results: list[Answer]
+
+
+class ExampleAnswer(Example):
+    request_id: str
+    num_chars: int
+    store_version: str

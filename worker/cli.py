@@ -1,4 +1,4 @@
-"""The ``stride`` command: build, attribute, demo-assets, serve, bench."""
+"""The ``stride`` command: build, update, attribute, scan, select, demo-assets, serve."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 import typer
 
 from stride.config import BuildConfig, SolverConfig
+from stride.scan import ScanConfig
 from stride.update import UpdateConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -30,18 +31,32 @@ def _fail(e: Exception) -> None:
 
 
 def _config_options(cls) -> list[inspect.Parameter]:
-    """One ``--option`` per config field, typed and documented by the field itself (never restated here)."""
+    """One ``--option`` per config field, typed and documented by the field itself (never restated here).
+
+    Every option defaults to None, "not given", so that ``--config FILE`` can supply the defaults
+    and the flags given override them; the field's own default is shown in the help."""
     hints = typing.get_type_hints(cls)
     params = []
     for f in dataclasses.fields(cls):
         kind = hints[f.name]
         if typing.get_origin(kind) in (types.UnionType, typing.Union):  # X | None
-            inner = [a for a in typing.get_args(kind) if a is not type(None)][0]
-            kind = (str if typing.get_origin(inner) is typing.Literal else inner) | None
+            kind = [a for a in typing.get_args(kind) if a is not type(None)][0]
+        if typing.get_origin(kind) is typing.Literal:
+            kind = str
         flags = (f"--{f.name.replace('_', '-')}", *f.metadata.get("flags", ()))
-        option = typer.Option(f.default, *flags, help=f.metadata.get("help", ""))
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind))
+        if kind is bool:
+            flags = (f"{flags[0]}/--no-{f.name.replace('_', '-')}", *flags[1:])
+        shown = "chosen from the corpus and model" if f.default is None else repr(f.default)
+        option = typer.Option(None, *flags, help=f"{f.metadata.get('help', '')} [default: {shown}]",
+                              show_default=False)
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option,
+                                        annotation=kind | None))
     return params
+
+
+def _given(options: dict) -> dict:
+    """The config options given on the command line (those left out are None: the field's default)."""
+    return {k: v for k, v in options.items() if v is not None}
 
 
 def build(
@@ -52,7 +67,8 @@ def build(
         None, help="The checkpoint MODEL was fine-tuned from (same tokenizer and architecture), for the "
                    "revert and add fit modes."),
     device: str | None = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda if present)."),
-    config: Path | None = typer.Option(None, help="JSON BuildConfig; the config options below are then ignored."),
+    config: Path | None = typer.Option(None, help="JSON file of BuildConfig fields: the defaults, which the "
+                                                 "options below override."),
     quiet: bool = typer.Option(False, help="No progress output."),
     **options,
 ) -> None:
@@ -64,10 +80,11 @@ def build(
 
     _logging()
     try:
-        if config is not None:
-            cfg = BuildConfig.from_dict(json.loads(config.read_text()))
-        else:
-            cfg = BuildConfig(**options)
+        given = {k: v for k, v in options.items() if v is not None}
+        base = json.loads(config.read_text()) if config is not None else {}
+        if not isinstance(base, dict):
+            raise ConfigError(f"{config}: expected a JSON object of BuildConfig fields")
+        cfg = BuildConfig.from_dict({**base, **given})
         path = run_build(model, data, out, cfg, device=device, show_progress=not quiet,
                          reference_model=reference_model)
     except (CorpusError, ConfigError, ModelMismatchError, FileNotFoundError, json.JSONDecodeError) as e:
@@ -98,7 +115,7 @@ def update(
 
     _logging()
     try:
-        path = run_update(store, out, add=add, remove=remove, config=UpdateConfig(**options), model=model,
+        path = run_update(store, out, add=add, remove=remove, config=UpdateConfig(**_given(options)), model=model,
                           device=device, show_progress=not quiet)
     except (UpdateError, CorpusError, StoreError, FileNotFoundError) as e:
         _fail(e)
@@ -110,32 +127,123 @@ update.__signature__ = inspect.Signature(_fixed + _config_options(UpdateConfig))
 app.command()(update)
 
 
+def scan(
+    store: Path = typer.Option(..., help="Operator store directory."),
+    queries: Path = typer.Option(..., help="JSONL of queries ({id?, prompt, completion} or any query form)."),
+    out: Path = typer.Option(..., help="Directory for examples.jsonl, queries.jsonl, report.html (resumable)."),
+    device: str | None = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda if present)."),
+    model: Path | None = typer.Option(None, help="Model directory, if moved since the build."),
+    quiet: bool = typer.Option(False, help="No progress output."),
+    **options,
+) -> None:
+    """Attribute every query of a file and rank the training examples over all of them."""
+    from stride.query import Attributor
+    from stride.result import QueryError
+    from stride.store import StoreError
+    from worker.scan import ScanInputError
+    from worker.scan import scan as run_scan
+
+    _logging()
+    try:
+        attributor = Attributor.from_store(store, device=device, model=model)
+        summary = run_scan(attributor, queries, out, ScanConfig(**_given(options)), show_progress=not quiet)
+    except (ScanInputError, StoreError, QueryError) as e:
+        _fail(e)
+    typer.echo(json.dumps(summary))
+
+
+_fixed = [p for p in inspect.signature(scan).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+scan.__signature__ = inspect.Signature(_fixed + _config_options(ScanConfig))
+app.command()(scan)
+
+
+def select(
+    store: Path = typer.Option(..., help="Operator store directory."),
+    target: Path = typer.Option(..., help="JSONL of target queries: the behaviour to keep."),
+    keep: float = typer.Option(..., help="Share of the corpus to keep, in (0, 1]."),
+    out: Path = typer.Option(..., help="Pruned corpus (JSONL, the kept lines in corpus order; atomic)."),
+    device: str | None = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda if present)."),
+    model: Path | None = typer.Option(None, help="Model directory, if moved since the build."),
+    quiet: bool = typer.Option(False, help="No progress output."),
+    **options,
+) -> None:
+    """Keep the examples with the most net positive influence on a target set (opponents go first)."""
+    from stride.query import Attributor
+    from stride.result import QueryError
+    from stride.store import StoreError
+    from worker.scan import ScanInputError
+    from worker.scan import select as run_select
+
+    _logging()
+    try:
+        attributor = Attributor.from_store(store, device=device, model=model)
+        summary = run_select(attributor, target, keep, out, ScanConfig(**_given(options)), show_progress=not quiet)
+    except (ScanInputError, StoreError, QueryError) as e:
+        _fail(e)
+    typer.echo(json.dumps(summary))
+
+
+_fixed = [p for p in inspect.signature(select).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+select.__signature__ = inspect.Signature(_fixed + _config_options(ScanConfig))
+app.command()(select)
+
+
+def _ids(text: str | None, name: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise typer.BadParameter(f"{name}: token ids are integers separated by commas or spaces") from None
+
+
+def _messages(text: str | None) -> list | None:
+    """A JSON list of {role, content}, inline or ``@FILE`` (a list, or an object with ``messages``)."""
+    if text is None:
+        return None
+    raw = Path(text[1:]).read_text() if text.startswith("@") else text
+    data = json.loads(raw)
+    return data["messages"] if isinstance(data, dict) and "messages" in data else data
+
+
 @app.command()
 def attribute(
     store: Path = typer.Option(..., help="Operator store directory."),
-    prompt: str = typer.Option(..., help="Prompt text (or the whole text, without --completion)."),
+    prompt: str | None = typer.Option(None, help="Prompt text (or the whole text, without --completion)."),
     completion: str | None = typer.Option(None, help="Completion whose loss is attributed."),
+    messages: str | None = typer.Option(None, help="Chat conversation instead of text: a JSON list of "
+                                        "{role, content} (the last is the assistant's), or @FILE."),
+    prompt_ids: str | None = typer.Option(None, help="Prompt token ids instead of text, e.g. '12,7,99'."),
+    completion_ids: str | None = typer.Option(None, help="Completion token ids."),
+    span: tuple[int, int] | None = typer.Option(None, help="START END: score only the completion tokens "
+                                                "overlapping [START, END) (characters; tokens for ids)."),
     top_k: int = typer.Option(10, help="Proponents and opponents to show."),
     device: str | None = typer.Option(None),
     model: Path | None = typer.Option(None, help="Model directory, if moved since the build."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    as_json: bool = typer.Option(False, "--json", help="Print the answer as one JSON object (stride.result)."),
 ) -> None:
-    """Attribute one output in-process (no server needed)."""
+    """Attribute one output in-process (no server needed): text, a chat conversation or token ids."""
+    from pydantic import ValidationError
+
     from stride.query import Attributor
+    from stride.result import Query, QueryError
     from stride.store import StoreError
 
     try:
+        query = Query(prompt, completion, messages=_messages(messages), prompt_ids=_ids(prompt_ids, "--prompt-ids"),
+                      completion_ids=_ids(completion_ids, "--completion-ids"), span=span)
         attributor = Attributor.from_store(store, device=device, model=model)
-        result = attributor.attribute(prompt, completion, top_k=top_k)
-    except (StoreError, ValueError) as e:
+        result = attributor.attribute(query, top_k=top_k)
+    except ValidationError as e:
+        _fail(ValueError("; ".join(str(x["msg"]) for x in e.errors())))
+    except (StoreError, QueryError, OSError, json.JSONDecodeError) as e:
         _fail(e)
     if as_json:
-        d = result.to_dict()
-        for side in ("proponents", "opponents"):
-            d[side] = [{k: s[k] for k in ("index", "id", "score", "text")} for s in d[side]]
-        typer.echo(json.dumps(d))
+        typer.echo(result.model_dump_json(by_alias=True))
         return
-    typer.echo(f"loss {result.loss:.4f}  ({result.timing_ms['total']:.1f} ms)")
+    typer.echo(f"loss {result.loss:.4f}  ({result.timing_ms.total:.1f} ms)  scored: {result.scored_text!r}")
+    for w in result.warnings:
+        typer.echo(f"warning ({w.code}): {w.detail}")
     for title, rows in (("proponents", result.proponents), ("opponents", result.opponents)):
         typer.echo(f"{title}:")
         for s in rows:
@@ -171,9 +279,14 @@ def serve(
         os.environ["STRIDE_DEVICE"] = device
     if redis_url:
         os.environ["STRIDE_REDIS_URL"] = redis_url
-    # one process, one model copy: concurrency comes from the micro-batcher, not from workers;
-    # log_config=None leaves logging to the app, which writes JSON lines
-    uvicorn.run("app.main:app", host=host, port=port, log_config=None, access_log=False)
+    from app.serving import ConfigError, prepare
+    from stride.store import StoreError
+
+    try:  # settings, store manifest and model directory checked before anything loads
+        options = prepare()
+    except (ConfigError, StoreError) as e:
+        _fail(e)
+    uvicorn.run("app.main:app", host=host, port=port, **options)
 
 
 def main() -> None:
