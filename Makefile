@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: venv demo demo-store serve test lint bench clean
+.PHONY: venv demo demo-store serve test fuzz lint bench clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -47,6 +47,11 @@ serve: demo-store
 
 test: venv
 	$(BIN)/python -m pytest
+
+# schemathesis against a real `stride serve`, with and without API keys (also part of `make test`);
+# STRIDE_FUZZ_EXAMPLES=N for more cases per operation
+fuzz: venv
+	$(BIN)/python -m pytest tests/test_fuzz.py
 
 lint: venv
 	$(BIN)/ruff check .

@@ -34,8 +34,10 @@ from stride.result import QueryError
 log = logging.getLogger("stride.app")
 API_VERSION = "1"
 PROBLEM_TEXT = {
+    400: "The body cannot be read as JSON text (e.g. bytes that are not UTF-8).",
     401: "Missing or wrong API key.", 404: "No such example.",
     413: "Body, prompt or batch over the limits, or tokens to score that do not fit the model's window.",
+    408: "The body was not received within STRIDE_BODY_TIMEOUT_S (the connection is closed).",
     415: "The body is not declared as application/json.",
     422: "Invalid fields, or a query the model cannot score: one token and no completion, token ids past the "
          "vocabulary, a chat conversation for a model without a chat template, a span over no token.",
@@ -77,7 +79,7 @@ async def answer(engine: Engine, q: AttributeRequest, settings: Settings) -> byt
 
 
 @v1.post("/attribute", response_model=AttributeResponse, tags=["attribution"], dependencies=[Depends(json_body)],
-         responses=problem_docs(401, 413, 415, 422, 503, 504))
+         responses=problem_docs(400, 401, 408, 413, 415, 422, 503, 504))
 async def attribute(body: AttributeRequest, engine: ReadyEngine, settings: AppSettings) -> Response:
     """Rank the training examples that most lowered (proponents) and raised (opponents) the loss of
     a completion: given as text, as a chat conversation or as token ids, optionally one span of it."""
@@ -87,7 +89,7 @@ async def attribute(body: AttributeRequest, engine: ReadyEngine, settings: AppSe
 
 
 @v1.post("/attribute/batch", response_model=BatchResponse, tags=["attribution"], dependencies=[Depends(json_body)],
-         responses=problem_docs(401, 413, 415, 422, 503, 504))
+         responses=problem_docs(400, 401, 408, 413, 415, 422, 503, 504))
 async def attribute_batch(body: BatchRequest, engine: ReadyEngine, settings: AppSettings) -> Response:
     """Several queries, answered in order; they share batches with every other request in flight.
     A query that cannot be answered fails the whole request, naming its index, before any is computed."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -63,7 +64,9 @@ def test_fuzz_open_and_keyed(live_server, demo_store: Path, tmp_path: Path) -> N
     try:
         n_open = check(schemathesis(server.url, open_dir, seed=2))
     finally:
-        assert server.stop() == 0  # SIGTERM drains and exits cleanly
+        # SIGTERM drains and exits; uvicorn re-raises the signal after its graceful shutdown
+        assert server.stop() in (0, -signal.SIGTERM)
+        assert "Application shutdown complete" in (tmp_path / "open.log").read_text()
     print(f"schemathesis: {n_keyed} cases keyed, {n_open} open")
     assert n_keyed + n_open >= 1000, (n_keyed, n_open)
     for log in (live_server.log, tmp_path / "open.log"):  # one JSON object per line, no traceback

@@ -83,21 +83,37 @@ def test_compose() -> None:
     assert "healthcheck" in services["redis"]
 
 
-def test_serve_command_takes_the_store_from_the_environment(monkeypatch, tmp_path: Path) -> None:
+def test_serve_command_takes_the_store_from_the_environment(monkeypatch, demo_store: Path) -> None:
+    """`stride serve` reads STRIDE_* (the store from the environment), checks the store before
+    anything loads, and hands uvicorn the settings' keep-alive, drain, JSON log config and protocol."""
     import uvicorn
 
+    from app.serving import ProblemH11Protocol
     from worker.cli import app as cli
 
     seen: dict = {}
     monkeypatch.setattr(uvicorn, "run", lambda target, **kw: seen.update(target=target, **kw))
-    monkeypatch.setenv("STRIDE_STORE", str(tmp_path))
+    monkeypatch.setenv("STRIDE_STORE", str(demo_store))
+    monkeypatch.setenv("STRIDE_KEEPALIVE_S", "42")
     monkeypatch.delenv("STRIDE_DEVICE", raising=False)
+    monkeypatch.delenv("STRIDE_REDIS_URL", raising=False)
     result = CliRunner().invoke(cli, ["serve", "--port", "8123", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert seen["target"] == "app.main:app" and seen["port"] == 8123
+    assert seen["timeout_keep_alive"] == 42 and seen["http"] is ProblemH11Protocol
+    assert seen["log_config"]["formatters"]["json"]["()"] == "app.middleware.JsonFormatter"
     import os
 
-    assert os.environ["STRIDE_DEVICE"] == "cpu" and Settings(_env_file=None).store == tmp_path
+    assert os.environ["STRIDE_DEVICE"] == "cpu" and Settings(_env_file=None).store == demo_store
+    # a bad setting or store stops it with exit code 2, naming it, before uvicorn (or a model) starts
+    seen.clear()
+    monkeypatch.setenv("STRIDE_REDIS_URL", "redis://localhost:notaport/0")
+    result = CliRunner().invoke(cli, ["serve", "--port", "8123"])
+    assert result.exit_code == 2 and "redis_url" in result.output and not seen
+    monkeypatch.delenv("STRIDE_REDIS_URL")
+    monkeypatch.setenv("STRIDE_STORE", str(demo_store.parent / "model"))  # a directory that is no store
+    result = CliRunner().invoke(cli, ["serve", "--port", "8123"])
+    assert result.exit_code == 2 and "manifest.json" in result.output and not seen
 
 
 # --- deploy/: Kubernetes manifests and Prometheus files (parsed only; no cluster runs here) -----------
