@@ -43,6 +43,8 @@ demo: demo-store
 # the service on the embedded default (STRIDE_REDIS_URL, STRIDE_API_KEYS ... pass through)
 serve: demo-store
 	@$(BIN)/python -m app.examples $(DEMO)/queries.jsonl http://$(HOST):$(PORT)
+	@echo "  or open the dashboard in a browser: http://$(HOST):$(PORT)/ui"
+	@echo
 	$(BIN)/stride serve --store $(DEMO)/store --host $(HOST) --port $(PORT)
 
 test: venv
