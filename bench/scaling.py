@@ -116,7 +116,7 @@ def stride_at(n: int, lm: LM, ref_ops: SteeringOperators, query: Record, model_d
                 if i >= warmup:
                     rows.append({"ms": (time.perf_counter() - t) * 1e3, "cpu_ms": (time.process_time() - c) * 1e3,
                                  **ans.timing_ms})
-            sol = att._solve(att._measure([Query(query.prompt, query.completion)])[1])  # passes: not in diagnostics
+            sol = att._solve(att._measure([att.prepare(Query(query.prompt, query.completion))[0]])[1])  # passes
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     med = {key: float(np.median([row[key] for row in rows])) for key in rows[0]}

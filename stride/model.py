@@ -65,8 +65,9 @@ class Tokens:
     start: int = 0  # where the (last) scored stretch starts in ``text``
 
 
-class NoChatTemplate(ValueError):
-    """A chat conversation for a tokenizer that cannot render one."""
+class ChatRenderError(ValueError):
+    """A chat conversation for a tokenizer that cannot render one (no template, or no offsets to
+    locate the assistant's tokens with)."""
 
 
 class ModelMismatchError(ValueError):
@@ -152,8 +153,11 @@ class LM:
         generation prompt) and rendered through it; tokens starting inside such a stretch are scored.
         """
         tok = self.tokenizer
+        if not getattr(tok, "is_fast", False):
+            raise ChatRenderError("chat rendering needs a fast tokenizer (tokenizer.json), which maps tokens to "
+                                  "characters; send prompt and completion text instead")
         if not getattr(tok, "chat_template", None):
-            raise NoChatTemplate("the model's tokenizer has no chat template (chat_template in "
+            raise ChatRenderError("the model's tokenizer has no chat template (chat_template in "
                                  "tokenizer_config.json); send prompt and completion text instead")
         msgs = [m if isinstance(m, dict) else m.model_dump() for m in messages]
         render = lambda ms, gen: tok.apply_chat_template(ms, tokenize=False, add_generation_prompt=gen)  # noqa: E731
@@ -163,7 +167,7 @@ class LM:
         for i in turns[-1:] if last_only else turns:
             before, through = render(msgs[:i], True) if i else "", render(msgs[: i + 1], False)
             if not (full.startswith(through) and through.startswith(before)):
-                raise NoChatTemplate("the chat template does not render a conversation's start as a prefix of "
+                raise ChatRenderError("the chat template does not render a conversation's start as a prefix of "
                                      "the whole, so the assistant's tokens cannot be located")
             stretches.append((len(before), len(through)))
         start = stretches[-1][0] if stretches else len(full)

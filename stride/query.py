@@ -14,7 +14,7 @@ import torch
 
 from stride.config import SolverConfig
 from stride.measure import loss_drops, token_nll
-from stride.model import LM, NoChatTemplate, Tokens, pick_device, weights_sha256
+from stride.model import LM, ChatRenderError, Tokens, pick_device, weights_sha256
 from stride.recovery import Solution, SparseDesign, solve
 from stride.result import (
     Attribution,
@@ -127,7 +127,7 @@ class Attributor:
         if q.messages is not None:
             try:
                 t = self.lm.chat_tokens(q.messages, last_only=True)
-            except NoChatTemplate as e:
+            except ChatRenderError as e:
                 raise InvalidQuery(str(e)) from None
             content = q.messages[-1].content
             base = t.text.find(content, t.start) if t.text is not None else -1
@@ -152,16 +152,14 @@ class Attributor:
             base = 0
         elif q.completion is not None and q.prompt:
             p = tok(q.prompt, add_special_tokens=True)["input_ids"]
-            enc = tok(q.completion, add_special_tokens=False, return_offsets_mapping=True)
+            c, offsets = self._encode(q.completion, False, q.span is not None)
             skip = max(len(p), 1)
-            ids, first, length = p + enc["input_ids"], skip, len(q.completion)
-            region = [tuple(o) for o in enc["offset_mapping"]][skip - len(p) :]
-            base = 0
+            ids, first, length, base = p + c, skip, len(q.completion), 0
+            region = offsets[skip - len(p) :]
         else:
             text = q.completion if q.completion is not None else q.prompt or ""
-            enc = tok(text, add_special_tokens=True, return_offsets_mapping=True)
-            ids, first, length, base = enc["input_ids"], 1, len(text), 0
-            region = [tuple(o) for o in enc["offset_mapping"]][1:]
+            ids, offsets = self._encode(text, True, q.span is not None)
+            first, length, base, region = 1, len(text), 0, offsets[1:]
         scored = [True] * len(region)
         if q.span is not None:
             start, end = q.span
@@ -191,6 +189,17 @@ class Attributor:
                                          f"({unknown_scored} of those scored) are unknown to the model's tokenizer: "
                                          "it never saw this text, and the answer says little about it"))
         return Tokens(ids, [False] * first + scored, first), warnings
+
+    def _encode(self, text: str, special: bool, offsets: bool) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids and each token's character range (only when a span needs them: slow tokenizers have none)."""
+        tok = self.lm.tokenizer
+        if not offsets:
+            ids = tok(text, add_special_tokens=special)["input_ids"]
+            return ids, [(0, 0)] * len(ids)
+        if not getattr(tok, "is_fast", False):
+            raise InvalidQuery("a character span needs a fast tokenizer (tokenizer.json) to map characters to tokens")
+        enc = tok(text, add_special_tokens=special, return_offsets_mapping=True)
+        return enc["input_ids"], [tuple(o) for o in enc["offset_mapping"]]
 
     def _tokens(self, t: Tokens, nll: torch.Tensor) -> list[TokenLoss]:
         """The completion's tokens with their losses (position j - 1 predicts token j)."""
