@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.setting import Built, doc_record, query_losses, train
+from bench.setting import Built, doc_record, query_losses, top1_correct, train
 
 RANDOM = "Random documents"
 SAME_ANSWER = "Random documents with the same answer (other facts)"
@@ -26,6 +26,13 @@ SAME_ANSWER = "Random documents with the same answer (other facts)"
 
 def retrain_losses(b: Built, removed: list[int], cache_root: Path) -> tuple[torch.Tensor, float, bool]:
     """(query losses (Q,), seconds, cached) of a retrain on every document but ``removed``."""
+    r = retrain(b, removed, cache_root)
+    return r["losses"], 0.0 if r["cached"] else r["seconds"], r["cached"]
+
+
+def retrain(b: Built, removed: list[int], cache_root: Path) -> dict:
+    """A retrain on every document but ``removed``: each query's loss and top-1 correctness, the
+    training seconds, whether it came from the cache (files written before top-1 was kept hold none)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     s = b.setting
@@ -33,18 +40,22 @@ def retrain_losses(b: Built, removed: list[int], cache_root: Path) -> tuple[torc
     key = hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:20]
     f = cache_root / s.key() / "removal" / f"{key}.pt"
     if f.is_file():
-        return torch.load(f)["losses"], 0.0, True
+        saved = torch.load(f)
+        return {"losses": saved["losses"], "top1": saved.get("top1"), "seconds": saved.get("seconds"),
+                "cached": True}
     t = time.perf_counter()
     gone = set(removed)
     tok = AutoTokenizer.from_pretrained(b.base_dir)
     model = AutoModelForCausalLM.from_pretrained(b.base_dir, dtype=torch.float32)
     train(model, tok, [doc_record(x) for i, x in enumerate(b.docs) if i not in gone], s.epochs, s.lr,
           s.batch_size, s.seed + 1)
-    losses = query_losses(model, tok, b.queries)
+    seconds = time.perf_counter() - t
+    out = {"removed": ids, "losses": query_losses(model, tok, b.queries), "top1": top1_correct(model, tok, b.queries),
+           "seconds": seconds}
     f.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"removed": ids, "losses": losses}, f.with_suffix(".tmp"))
+    torch.save(out, f.with_suffix(".tmp"))
     f.with_suffix(".tmp").replace(f)
-    return losses, time.perf_counter() - t, False
+    return {**out, "cached": False}
 
 
 def removal_sets(b: Built, scores: dict[str, torch.Tensor], qidx: list[int], ks: list[int], seed: int) -> dict:

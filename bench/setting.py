@@ -216,14 +216,18 @@ def query_losses(model, tok, queries: list[dict]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def top1_accuracy(model, tok, queries: list[dict]) -> float:
+def top1_correct(model, tok, queries: list[dict]) -> torch.Tensor:
+    """Per query: is the model's top-1 next token the answer's first token? (Q,) bool."""
     lm = LM(model, tok, torch.device("cpu"))
     b = lm.encode([Record(q["id"], q["prompt"], q["completion"]) for q in queries])
     logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits
     pos = b.scored.float().argmax(1)  # first scored position: predicts the object's first token
     pred = logits[torch.arange(len(queries)), pos].argmax(-1)
-    want = b.targets[torch.arange(len(queries)), pos]
-    return float((pred == want).float().mean())
+    return pred == b.targets[torch.arange(len(queries)), pos]
+
+
+def top1_accuracy(model, tok, queries: list[dict]) -> float:
+    return float(top1_correct(model, tok, queries).float().mean())
 
 
 @dataclass

@@ -13,6 +13,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from stride.config import _arg
+
+
+@dataclass
+class ScanConfig:
+    """Options of ``stride scan`` and ``stride select`` (the CLI is generated from these fields)."""
+
+    top_k: int = _arg(10, "Top proponents per query counted and listed.")
+    queries_per_example: int = _arg(5, "Queries listed per example (those it supports most).")
+    chunk: int = _arg(32, "Queries attributed together (memory: chunk x n scores).")
+
 
 @dataclass
 class ExampleAggregate:
@@ -83,6 +94,14 @@ class ScanAccumulator:
         acc.best_score, acc.best_query = state["best_score"].copy(), state["best_query"].copy()
         acc.queries = queries
         return acc
+
+
+def select_indices(acc: ScanAccumulator, keep: float) -> np.ndarray:
+    """The ``keep`` share of examples with the most net influence (positive + negative sums) on the
+    scanned queries, in corpus order: opponents (net < 0) are dropped first, then the examples the
+    queries did not touch (net 0; ties in corpus order)."""
+    net = acc.positive + acc.negative
+    return np.sort(np.lexsort((np.arange(acc.n), -net))[: max(1, round(keep * acc.n))])
 
 
 def aggregate(scores: torch.Tensor | np.ndarray, top_k: int = 10, keep: int = 5) -> ScanAccumulator:

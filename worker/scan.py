@@ -1,0 +1,209 @@
+"""``stride scan``: attribute every query of a file and rank the training examples over all of them.
+
+Writes DIR/examples.jsonl (every example, most positive aggregate first), DIR/queries.jsonl (each
+query's top proponents) and DIR/report.html (self-contained). Resumable: after each chunk the
+accumulator's state is written atomically together with the byte length of queries.jsonl, so a
+killed scan truncates the half-written tail and continues from the last whole chunk. Memory is
+O(n * keep + chunk * n), whatever the number of queries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import io
+import json
+import os
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+from pydantic import ValidationError
+
+from stride.result import Query
+from stride.scan import ScanAccumulator, ScanConfig, select_indices
+from stride.store import write_json_atomic
+from worker.progress import Reporter, reporter
+
+
+class ScanInputError(Exception):
+    """A query file that cannot be scanned; the message names the file and line."""
+
+
+def read_queries(path: Path) -> tuple[list[str], list[Query], str]:
+    """Every query validated before anything is written: ids, queries and the file's sha256."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ScanInputError(f"{path}: {e.strerror or e}") from None
+    ids, queries = [], []
+    for no, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{no}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ScanInputError(f"{where}: not JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise ScanInputError(f"{where}: expected a JSON object")
+        qid = obj.pop("id", f"q{len(queries)}")
+        for extra in ("support", "relation", "object", "heldout_phrasing", "subject", "doc_subject"):
+            obj.pop(extra, None)  # benchmark metadata rides along in query files: not part of a query
+        try:
+            queries.append(Query.model_validate(obj))
+        except ValidationError as e:
+            first = e.errors()[0]
+            loc = ".".join(str(p) for p in first["loc"]) or "query"
+            raise ScanInputError(f"{where}: {loc}: {first['msg']}") from None
+        ids.append(str(qid))
+    if not queries:
+        raise ScanInputError(f"{path}: no queries (the file is empty)")
+    return ids, queries, hashlib.sha256(raw).hexdigest()
+
+
+def scan(attributor, queries_path: str | Path, out: str | Path, cfg: ScanConfig | None = None,
+         progress: Reporter | None = None, show_progress: bool = False) -> dict:
+    """Run (or resume) a scan; returns the summary written to DIR/scan.json."""
+    cfg = cfg or ScanConfig()
+    queries_path, out = Path(queries_path), Path(out)
+    ids, queries, digest = read_queries(queries_path)
+    n = attributor.num_examples
+    key = {"queries_sha256": digest, "store_version": attributor.store.version, "top_k": cfg.top_k,
+           "keep": cfg.queries_per_example}
+    out.mkdir(parents=True, exist_ok=True)
+    state_path, qpath = out / "scan_state.npz", out / "queries.jsonl"
+    acc, done, qbytes = ScanAccumulator(n, cfg.top_k, cfg.queries_per_example), 0, 0
+    progress_path = out / "progress.json"
+    if progress_path.exists() and state_path.exists():
+        prev = json.loads(progress_path.read_text())
+        if prev.get("key") == key:
+            with np.load(state_path) as z:
+                acc = ScanAccumulator.from_state(dict(z))
+            done, qbytes = prev["done"], prev["queries_bytes"]
+    with open(qpath, "ab") as f:
+        f.truncate(qbytes)  # drop a chunk written after the last saved state
+    corpus = attributor.store.corpus
+    bar_cm = nullcontext(progress) if progress is not None else reporter("scan", len(queries), done, "queries",
+                                                                         show_progress)
+    with bar_cm as bar:
+        while done < len(queries):
+            part = queries[done : done + cfg.chunk]
+            w, _, _ = attributor.score_matrix(part, chunk=cfg.chunk)
+            acc.add(w)
+            lines = []
+            for row, qid in zip(w.numpy(), ids[done : done + len(part)], strict=True):
+                top = np.argsort(-row, kind="stable")[: cfg.top_k]
+                top = top[row[top] > 0]
+                lines.append(json.dumps({"id": qid, "proponents": [
+                    {"index": int(i), "id": corpus.ids[int(i)], "score": float(row[i])} for i in top]}) + "\n")
+            with open(qpath, "ab") as f:
+                f.write("".join(lines).encode())
+                f.flush()
+                os.fsync(f.fileno())
+                qbytes = f.tell()
+            done += len(part)
+            buf = io.BytesIO()
+            np.savez(buf, **acc.state_dict())
+            tmp = state_path.with_name(".scan_state.npz.tmp")
+            tmp.write_bytes(buf.getvalue())
+            os.replace(tmp, state_path)
+            write_json_atomic(progress_path, {"key": key, "done": done, "queries_bytes": qbytes})
+            bar.advance(len(part))
+    summary = _write_outputs(acc, ids, corpus, out)
+    summary.update({"queries": len(queries), "examples": n, **key})
+    write_json_atomic(out / "scan.json", summary)
+    return summary
+
+
+def _write_outputs(acc: ScanAccumulator, qids: list[str], corpus, out: Path) -> dict:
+    order = acc.ranking()
+    tmp = out / ".examples.jsonl.tmp"
+    with open(tmp, "w") as f:
+        for rank, i in enumerate(order, 1):
+            r = acc.row(int(i))
+            f.write(json.dumps({"rank": rank, "index": r.index, "id": corpus.ids[r.index], "positive": r.positive,
+                                "negative": r.negative, "top_count": r.top_count,
+                                "queries": [{"id": qids[q], "score": s} for q, s in r.queries]}) + "\n")
+    os.replace(tmp, out / "examples.jsonl")
+    report = out / ".report.html.tmp"
+    report.write_text(_html(acc, order, qids, corpus, out / "queries.jsonl"))
+    os.replace(report, out / "report.html")
+    return {"top": [corpus.ids[int(i)] for i in order[:10]]}
+
+
+def _histogram_svg(values: np.ndarray, bins: int = 30) -> str:
+    """Inline SVG bars of the positive aggregates (log count: most examples sit at zero)."""
+    pos = values[values > 0]
+    if pos.size == 0:
+        return "<p>No example has a positive aggregate score.</p>"
+    counts, edges = np.histogram(pos, bins=bins)
+    h = np.log1p(counts) / np.log1p(counts.max()) * 100
+    bars = "".join(f'<rect x="{i * 10}" y="{100 - v:.1f}" width="9" height="{v:.1f}"><title>'
+                   f"{edges[i]:.3g}-{edges[i + 1]:.3g}: {c}</title></rect>"
+                   for i, (v, c) in enumerate(zip(h, counts, strict=True)))
+    return (f'<svg viewBox="0 0 {bins * 10} 110" width="600" height="220" role="img" '
+            f'aria-label="histogram">{bars}<text x="0" y="110" font-size="8">{edges[0]:.3g}</text>'
+            f'<text x="{bins * 10 - 40}" y="110" font-size="8">{edges[-1]:.3g}</text></svg>'
+            f"<p>{pos.size} of {values.size} examples have a positive aggregate (bar height: log count).</p>")
+
+
+def _html(acc: ScanAccumulator, order: np.ndarray, qids: list[str], corpus, queries_jsonl: Path,
+          rows: int = 100) -> str:
+    """Self-contained: no script, no external asset; every corpus text escaped."""
+    e = html.escape
+    top = [int(i) for i in order[:rows]]
+    texts = {i: r.text for i, r in zip(top, corpus.records(top), strict=True)}
+    body = ["<h1>STRIDE scan</h1>", f"<p>{acc.queries} queries, {acc.n} training examples.</p>",
+            "<h2>Aggregate scores</h2>", _histogram_svg(acc.positive),
+            f"<h2>Top {len(top)} examples</h2>",
+            "<table><tr><th>#</th><th>id</th><th>positive</th><th>negative</th><th>top-k in</th>"
+            "<th>text</th></tr>"]
+    for rank, i in enumerate(top, 1):
+        r = acc.row(i)
+        body.append(f"<tr><td>{rank}</td><td>{e(corpus.ids[i])}</td><td>{r.positive:.4g}</td>"
+                    f"<td>{r.negative:.4g}</td><td>{r.top_count}</td><td>{e(texts[i][:300])}</td></tr>")
+    body.append("</table><h2>Top documents per query</h2><table><tr><th>query</th><th>proponents</th></tr>")
+    with open(queries_jsonl) as f:
+        for k, line in enumerate(f):
+            if k >= 200:
+                body.append(f"<tr><td colspan=2>... {acc.queries - 200} more in queries.jsonl</td></tr>")
+                break
+            q = json.loads(line)
+            props = ", ".join(f"{e(p['id'])} ({p['score']:.3g})" for p in q["proponents"][:5])
+            body.append(f"<tr><td>{e(q['id'])}</td><td>{props}</td></tr>")
+    body.append("</table>")
+    style = ("body{font:14px system-ui,sans-serif;margin:2em;max-width:80em}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:2px 6px;text-align:left;vertical-align:top}rect{fill:#4a7}")
+    return (f"<!doctype html><html><head><meta charset=utf-8><title>STRIDE scan</title><style>{style}</style>"
+            f"</head><body>{''.join(body)}</body></html>\n")
+
+
+def select(attributor, target_path: str | Path, keep: float, out_path: str | Path,
+           cfg: ScanConfig | None = None, show_progress: bool = False) -> dict:
+    """Keep the ``keep`` share of the corpus with the most net influence on the target queries
+    (opponents, net < 0, go first; ties in corpus order) and write their original lines, in corpus
+    order, to ``out_path`` (atomically)."""
+    if not 0 < keep <= 1:
+        raise ScanInputError(f"--keep must be in (0, 1], got {keep}")
+    cfg = cfg or ScanConfig()
+    _, queries, _ = read_queries(Path(target_path))
+    n = attributor.num_examples
+    acc = ScanAccumulator(n, cfg.top_k, 1)
+    with reporter("select", len(queries), 0, "queries", show_progress) as bar:
+        for s in range(0, len(queries), cfg.chunk):
+            part = queries[s : s + cfg.chunk]
+            acc.add(attributor.score_matrix(part, chunk=cfg.chunk)[0])
+            bar.advance(len(part))
+    kept, net = select_indices(acc, keep), acc.positive + acc.negative
+    corpus, out_path = attributor.store.corpus, Path(out_path)
+    tmp = out_path.with_name(f".{out_path.name}.tmp")
+    with open(corpus.path, "rb") as src, open(tmp, "wb") as dst:
+        for i in kept:
+            src.seek(int(corpus.offsets[i]))
+            line = src.read(int(corpus.lengths[i]))
+            dst.write(line if line.endswith(b"\n") else line + b"\n")
+    os.replace(tmp, out_path)
+    return {"kept": int(kept.size), "examples": n, "target_queries": len(queries),
+            "opponents_dropped": int(min((net < 0).sum(), n - kept.size)),
+            "kept_with_positive_influence": int((net[kept] > 0).sum())}
