@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -12,9 +13,15 @@ from stride.config import BuildConfig
 from stride.demo import one_thread, write_demo_assets
 from worker.build import build
 
+# STRIDE_TEST_DEMO=demo reuses `make demo`'s assets and store instead of making them again (about
+# 95 s of CPU): for iterating on tests that do not touch stride/demo.py or the build; CI never sets it.
+REUSE = os.environ.get("STRIDE_TEST_DEMO")
+
 
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if REUSE:
+        return Path(REUSE).resolve()
     out = tmp_path_factory.mktemp("demo")
     write_demo_assets(out)
     return out
@@ -24,6 +31,8 @@ def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def demo_store(demo_dir: Path) -> Path:
     """A store built with the demo's build options (``build.json``): what `make demo` serves. The one
     store of the session: a test that needs a served store takes this one rather than building its own."""
+    if REUSE:
+        return demo_dir / "store"
     logging.getLogger("stride").setLevel(logging.WARNING)
     config = BuildConfig.from_dict(json.loads((demo_dir / "build.json").read_text()))
     with one_thread():

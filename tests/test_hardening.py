@@ -48,7 +48,8 @@ def test_expired_work_is_dropped_before_it_is_computed(opaque_results) -> None:
     """Batches of 4 take 0.2 s; 40 queries arrive at once with 0.5 s deadlines. Batches start at 0,
     0.2 and 0.4 s: the third could only finish at 0.6 s, after the deadline, so its queries are
     answered 504 without being computed (the issue saw 190 computed for 22 answered, and 200s after
-    1.9 s); no answer arrives after its deadline."""
+    1.9 s); no answer arrives after its deadline. (On a loaded machine the batches take longer and
+    fewer are answered; what must hold is that no whole batch is computed for nobody.)"""
 
     async def go() -> None:
         model = SlowModel(0.2)
@@ -66,7 +67,7 @@ def test_expired_work_is_dropped_before_it_is_computed(opaque_results) -> None:
         outcomes = await asyncio.gather(*(one() for _ in range(40)))
         await b.stop()
         answered = [t for kind, t in outcomes if kind == "ok"]
-        assert len(answered) == 8, outcomes
+        assert len(answered) >= 4, outcomes  # the first batch at least (8 on an idle machine)
         assert max(answered) < 0.5 + 0.1, outcomes  # within the deadline (+ event-loop slack)
         assert model.computed - len(answered) < 4, (model.computed, outcomes)  # not one batch wasted
         assert max(t for _, t in outcomes) < 0.5 + 0.1  # the refused ones are told in time too
@@ -190,10 +191,11 @@ def test_a_body_shorter_than_its_length_times_out(live_server) -> None:
 def test_keep_alive_outlasts_client_pools(live_server) -> None:
     """A connection idle for 6 s (past uvicorn's 5 s default, httpx's pool expiry) is still served."""
     with socket.create_connection(("127.0.0.1", live_server.port), timeout=30) as s:
-        for _ in range(2):
+        for i in range(2):
+            if i:
+                time.sleep(6)
             s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
             assert s.recv(65536).startswith(b"HTTP/1.1 200")
-            time.sleep(6)
 
 
 def test_docs_are_local_open_and_declare_the_scheme(live_server) -> None:
