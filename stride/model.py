@@ -159,8 +159,16 @@ class LM:
         if not getattr(tok, "chat_template", None):
             raise ChatRenderError("the model's tokenizer has no chat template (chat_template in "
                                  "tokenizer_config.json); send prompt and completion text instead")
+        from jinja2 import TemplateError
+
         msgs = [m if isinstance(m, dict) else m.model_dump() for m in messages]
-        render = lambda ms, gen: tok.apply_chat_template(ms, tokenize=False, add_generation_prompt=gen)  # noqa: E731
+
+        def render(ms: list[dict], gen: bool) -> str:
+            try:
+                return tok.apply_chat_template(ms, tokenize=False, add_generation_prompt=gen)
+            except TemplateError as e:  # templates raise on conversations they refuse (roles out of order ...)
+                raise ChatRenderError(f"the chat template refuses this conversation: {e}") from None
+
         full = render(msgs, False)
         turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
         stretches = []

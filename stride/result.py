@@ -96,9 +96,21 @@ class Query(BaseModel):
         if self.messages is not None and self.messages[-1].role != "assistant":
             raise ValueError(f"the last message is the completion to attribute, so it must be the assistant's, "
                              f"not {self.messages[-1].role!r}")
+        texts = [self.prompt, self.completion, *(m.content for m in self.messages or [])]
+        for text in texts:
+            if text is not None and not _encodable(text):
+                raise ValueError("the text is not valid Unicode (it holds a lone surrogate, e.g. \\ud800)")
         if self.span is not None and self.span[0] >= self.span[1]:
             raise ValueError(f"span [{self.span[0]}, {self.span[1]}) is empty: start must be below end")
         return self
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class _Keyed:

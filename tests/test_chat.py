@@ -52,11 +52,14 @@ def test_chat_id_and_span_queries_on_the_demo_store(demo_attributor: Attributor,
 
             r = await c.post("/v1/attribute", json=chat)
             assert "chat template" in assert_problem(r, 422)["detail"]
-            tok.chat_template = PLAIN
+            tok.chat_template = "{{ raise_exception('roles must alternate') }}"  # as real templates do
             try:
+                refused = await c.post("/v1/attribute", json=chat)
+                tok.chat_template = PLAIN
                 r = await c.post("/v1/attribute", json=chat)
             finally:
                 tok.chat_template = None
+            assert "roles must alternate" in assert_problem(refused, 422)["detail"]
             assert r.status_code == 200, r.text
             same_answer(r.json(), text, exact=True)  # the same tokens: the same answer, bit for bit
             assert r.json()["scored_text"] == text["scored_text"]
@@ -88,6 +91,10 @@ def test_chat_id_and_span_queries_on_the_demo_store(demo_attributor: Attributor,
             assert "window of 64" in assert_problem(r, 413)["detail"]
             r = await c.post("/v1/attribute", json={**fact, "span": [0, 99]})
             assert "past the completion" in assert_problem(r, 422)["detail"]
+
+            r = await c.post("/v1/attribute", content=b'{"prompt": "a \\ud800 b", "completion": " c"}',
+                             headers={"content-type": "application/json"})  # a lone surrogate, escaped
+            assert "Unicode" in json.dumps(assert_problem(r, 422)["errors"])
 
             # words the demo never saw: answered, with a warning instead of silence
             r = await c.post("/v1/attribute", json={"prompt": "Zorblat quixent the", "completion": " Veltria"})

@@ -418,8 +418,11 @@ def test_overload_deadline_and_liveness_during_a_batch(attributor: Attributor, d
             r = await c.post("/v1/attribute", json=queries[3])
             assert_problem(r, 504)
             gate.release.set()
+            # the same engine answers the next query; with a deadline a loaded CPU can meet (0.3 s is not
+            # one: late answers are 504s and predicted-late ones 503s, see test_hardening.py)
+            c._transport.app.state.settings.request_timeout_s = 30  # type: ignore[attr-defined]
             r = await c.post("/v1/attribute", json=queries[3])
-            assert r.status_code == 200
+            assert r.status_code == 200, r.text
 
     run(go())
 
@@ -530,7 +533,7 @@ def test_logs_are_json_without_prompt_text(attributor: Attributor, demo_store: P
     lines = [json.loads(fmt.format(rec)) for rec in caplog.records if rec.name.startswith("stride.app")]
     access = [x for x in lines if x["msg"] == "request" and x.get("request_id") == "log-1"]
     assert access and access[0]["route"] == "/v1/attribute" and access[0]["status"] == 200
-    assert any(x["msg"] == "attribute" and x["prompt_chars"] == len(q["prompt"]) for x in lines)
+    assert any(x["msg"] == "attribute" and x["prompt_chars"] == len(q["prompt"]) + len(q["completion"]) for x in lines)
     assert q["prompt"] not in json.dumps(lines) and q["completion"] not in json.dumps(lines)
 
 
