@@ -41,8 +41,8 @@ class UpdateError(ValueError):
 class UpdateConfig:
     """How an update refits; recorded in the new store's manifest (``lineage.update``)."""
 
-    visits: int = _arg(100, "Refit: times each affected subset is drawn (a build draws each 400 times; "
-                            "README: Updating a store).")
+    visits: int | None = _arg(None, "Refit: times each affected subset is drawn (default: a quarter of the "
+                                    "build's visits, 100 at its default 400; README: Updating a store).")
     steps: int | None = _arg(None, "Refit optimiser steps (default: visits x affected subsets / batch size).")
     lr: float | None = _arg(None, "Refit learning rate (default: the build's).")
     seed: int = _arg(0, "Seed of the balanced assignment's tie-breaks and of every refit step's sampling.")
@@ -126,8 +126,8 @@ def plan_update(old_ids, old_membership: Membership, removed: list[str], added: 
     new_ids = list(added.ids) if added is not None else []
     clash = [rid for rid in new_ids if (i := int(find(rid))) >= 0 and not gone[i]]
     if clash:
-        raise UpdateError(f"--add: {len(clash)} id(s) already in the store (ids must be unique; remove them in "
-                          f"the same update to replace them): {_some(clash)}")
+        raise UpdateError(f"--add: {len(clash)} id(s) already in the store: {_some(clash)} (ids must be unique; "
+                          "remove them in the same update to replace them)")
     keep = np.flatnonzero(~gone)
     if keep.size + len(new_ids) == 0:
         raise UpdateError("the update removes every example and adds none: nothing would be left")
@@ -199,13 +199,17 @@ def merge(ops: SteeringOperators, part: SteeringOperators, subsets: Tensor, empt
     return out.requires_grad_(False)
 
 
-def refit_steps(cfg: UpdateConfig, affected: int, batch_size: int) -> int:
+def refit_visits(cfg: UpdateConfig, build_visits: int) -> int:
+    return cfg.visits if cfg.visits is not None else max(1, build_visits // 4)
+
+
+def refit_steps(cfg: UpdateConfig, visits: int, affected: int, batch_size: int) -> int:
     """Steps so that each affected subset is drawn ``visits`` times (a step draws min(batch, K'))."""
     if cfg.steps is not None:
         return int(cfg.steps)
     if affected == 0:
         return 0
-    return -(-cfg.visits * affected // min(batch_size, affected))
+    return -(-visits * affected // min(batch_size, affected))
 
 
 def write_merged_corpus(old: Corpus, keep: np.ndarray, added: Corpus | None, out: Path) -> Corpus:
@@ -214,8 +218,8 @@ def write_merged_corpus(old: Corpus, keep: np.ndarray, added: Corpus | None, out
     tmp = out.with_name(f".{out.name}.tmp")
     lengths = []
     with open(tmp, "wb") as f:
-        for corpus, rows in ((old, keep), (added, range(len(added)) if added is not None else ())):
-            for raw in raw_lines(corpus, rows):
+        for corpus, rows in ((old, keep), (added, range(len(added)) if added is not None else None)):
+            for raw in raw_lines(corpus, rows) if rows is not None else ():
                 raw = raw if raw.endswith(b"\n") else raw + b"\n"
                 f.write(raw)
                 lengths.append(len(raw))

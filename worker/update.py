@@ -31,6 +31,7 @@ from stride.update import (
     plan_update,
     read_removals,
     refit_steps,
+    refit_visits,
     view,
     write_merged_corpus,
 )
@@ -75,7 +76,8 @@ def update(
     if added is not None:
         check_added_ids(added)
     plan = plan_update(parent.corpus.ids, parent.membership, removed, added, cfg.seed)
-    steps = refit_steps(cfg, len(plan.affected), bcfg.batch_size)
+    visits = refit_visits(cfg, bcfg.visits)
+    steps = refit_steps(cfg, visits, len(plan.affected), bcfg.batch_size)
     rcfg = dataclasses.replace(bcfg, steps=steps, lr=cfg.lr or bcfg.lr, seed=cfg.seed,
                                checkpoint_every=cfg.checkpoint_every)
     parent_sha = file_sha256(Path(store) / MANIFEST)
@@ -109,7 +111,8 @@ def update(
         "removed": {"count": len(plan.removed), "source": str(Path(remove).resolve()) if remove is not None else None,
                     "ids": plan.removed},
         "refit": {"subsets": len(plan.affected), "num_subsets": K, "emptied": len(plan.emptied),
-                  "reset": len(plan.lost) if cfg.reset_removed else 0, "steps": steps, "lr": rcfg.lr,
+                  "reset": len(plan.lost) if cfg.reset_removed else 0, "visits": visits, "steps": steps,
+                  "lr": rcfg.lr,
                   "fit_seconds": round(fit_s, 2), "seconds": round(time.perf_counter() - t_start, 2),
                   "device": str(dev)},
         "update": cfg.to_dict(),
