@@ -76,3 +76,19 @@ def test_readme_queries_are_demo_facts() -> None:
     assert len(pairs) >= 4
     for prompt, completion in pairs:
         assert (prompt, completion.removesuffix(" .")) in facts, (prompt, completion)
+
+
+def test_readme_id_query_is_the_same_fact() -> None:
+    """The README's id example is the demo tokenizer's ids of its first text example."""
+    import re
+
+    from stride.demo import build_tokenizer
+
+    docs, queries = generate_corpus(DemoSpec())
+    tok = build_tokenizer([d["text"] for d in docs] + [q["prompt"] + q["completion"] for q in queries])
+    readme = (SNAPSHOT.parents[1] / "README.md").read_text()
+    (prompt_ids, completion_ids), = re.findall(r'"prompt_ids": (\[[0-9, ]+\]), "completion_ids": (\[[0-9, ]+\])',
+                                               readme)
+    prompt, completion = re.findall(r'"prompt": "([^"]*)", "completion": "([^"]*)"', readme)[0]
+    assert json.loads(prompt_ids) == tok(prompt)["input_ids"]
+    assert json.loads(completion_ids) == tok(completion, add_special_tokens=False)["input_ids"]
