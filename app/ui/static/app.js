@@ -45,11 +45,13 @@ async function loadInfo() {
     setStatus(ready.state === "down" ? "down" : "starting",
       ready.state === "down" ? "service unreachable" : `not ready: ${ready.detail}`);
     banner(ready.state === "down" ? "Cannot reach the service; retrying every 3 s." :
-      `The service is not ready yet (${ready.detail}): the model and store are still loading. Retrying every 3 s.`);
+      ready.detail === "draining" ? "The service is shutting down (draining); retrying every 3 s." :
+        `The service is not ready yet (${ready.detail}): the model and store are still loading. Retrying every 3 s.`);
     setTimeout(loadInfo, 3000);
     return;
   }
   banner("");
+  watchReadiness();
   try {
     const { data } = await call("GET", "v1/info");
     state.info = data;
@@ -68,6 +70,20 @@ async function loadInfo() {
   }
 }
 
+// Once ready, look again every 10 s, so a service that went away is reported before the next query.
+let watching = false;
+function watchReadiness() {
+  if (watching) return;
+  watching = true;
+  const timer = setInterval(async () => {
+    if ((await readiness()).state !== "ready") {
+      clearInterval(timer);
+      watching = false;
+      loadInfo();
+    }
+  }, 10000);
+}
+
 function showInfo(info) {
   const st = info.store || {};
   const shapes = st.shapes || {};
@@ -76,8 +92,7 @@ function showInfo(info) {
   const name = model.name || (model.path || "").split(/[\\/]/).filter(Boolean).pop() || "?";
   const created = st.created ? String(st.created).replace("T", " ").replace(/\.\d+/, "") : "?";
   definitionList($("info-list"), [
-    ["model", name, `sha256 ${model.sha256}`],
-    ["model sha256", (model.sha256 || "").slice(0, 12), model.sha256],
+    ["model", `${name} · ${(model.sha256 || "").slice(0, 12)}`, `sha256 ${model.sha256}`],
     ["corpus", `${(st.num_examples ?? shapes.num_examples ?? "?").toLocaleString()} examples`, st.corpus_sha256],
     ["K subsets", String(st.num_subsets ?? shapes.num_subsets ?? "?")],
     ["rank", String(shapes.rank ?? "?")],
