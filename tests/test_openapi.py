@@ -13,8 +13,7 @@ from typing import Any
 
 import httpx
 
-from app.openapi import render, served_schema
-from app.settings import Settings
+from app.openapi import render, served_schema, settings
 from stride.demo import DemoSpec, generate_corpus
 
 SNAPSHOT = Path(__file__).resolve().parents[1] / "docs" / "openapi.json"
@@ -26,7 +25,7 @@ def _served() -> dict[str, Any]:
     from app.main import create_app
 
     async def get() -> dict[str, Any]:
-        app = create_app(Settings(_env_file=None))
+        app = create_app(settings())
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
             r = await c.get("/openapi.json")
             assert r.status_code == 200
