@@ -138,3 +138,64 @@ def generate_instruct(s: Setting) -> tuple[list[str], list[dict], list[dict]]:
 
 
 GENERATORS = {"alias": generate_alias, "instruct": generate_instruct}
+
+
+# ---------------------------------------------------------------- contamination
+
+CONTAMINATION_VERSION = 1  # the contamination generator's own version (Setting.key), apart from VERSION
+CONTAMINATION_ITEMS = 15  # test items per group: planted verbatim (or nearly), paraphrased only, absent
+QUIZ_LEAD = "Quiz practice , part {i} ."
+
+
+def _planted_variants(item: str, i: int, rng: random.Random) -> str:
+    """How a benchmark item leaks into a corpus, in turn: the line itself; inside a longer page (a
+    quiz with other text around it); re-cased and re-punctuated (the same words to a lower-cased
+    ``\\w+`` match, other tokens to the model)."""
+    kind = i % 3
+    if kind == 0:
+        return item
+    if kind == 1:
+        return f"{QUIZ_LEAD.format(i=i)} {item} . {_filler(rng)}"
+    return item.replace("Question :", "QUESTION -").replace("? Answer :", "? ANSWER =") + " !"
+
+
+def generate_contamination(s: Setting) -> tuple[list[str], list[dict], list[dict]]:
+    """The reference setting plus benchmark-style test items in the held-out question format
+    ("Question : which city is the capital of X ? Answer : Y"), each about a new subject, in three
+    groups of ``CONTAMINATION_ITEMS``: *verbatim* (the item itself is in the fine-tuning corpus, as
+    the line, inside a longer page or re-cased; half of them also have one plain statement of the
+    fact), *paraphrase* (the fact is stated in 1-3 documents in the corpus's own phrasings, never in
+    the item's), *absent* (the fact is nowhere in the corpus). The items are queries with
+    ``contamination`` = their group and ``support`` = the documents that state their fact."""
+    from bench.setting import generate_reference
+
+    pre, docs, queries = generate_reference(s)
+    rng = random.Random(f"contamination-{s.seed}")
+    used = {w for t in pre + [d["text"] for d in docs] + [q["prompt"] for q in queries] for w in t.split()}
+    objects: dict[str, list[str]] = {}
+    for q in queries:
+        objects.setdefault(q["relation"], []).append(q["completion"].strip())
+    rels = list(RELATIONS)
+    for g, group in enumerate(("verbatim", "paraphrase", "absent")):
+        for i in range(CONTAMINATION_ITEMS):
+            rel = rels[(i + g) % len(rels)]
+            subj, obj = _word(rng, used), rng.choice(sorted(set(objects[rel])))
+            prompt = HELDOUT_TEMPLATES[rel].format(s=subj)
+            qid, support = f"t-{group}{i:02d}", []
+            meta = {"role": "fact", "relation": rel, "object": obj, "test_item": qid}
+            if group == "verbatim":
+                docs.append({"id": f"{qid}-item", "text": _planted_variants(f"{prompt} {obj}", i, rng),
+                             **meta, "role": "contaminated"})
+                support.append(docs[-1]["id"])
+            if group == "paraphrase" or (group == "verbatim" and i % 2):
+                for j, t in enumerate(rng.sample(RELATIONS[rel], 1 if group == "verbatim" else rng.randint(1, 3))):
+                    docs.append({"id": f"{qid}-{j}", "text": t.format(s=subj, o=obj), **meta})
+                    support.append(docs[-1]["id"])
+            queries.append({"id": qid, "prompt": prompt, "completion": f" {obj}", "support": support,
+                            "relation": rel, "object": obj, "heldout_phrasing": True, "subject": subj,
+                            "contamination": group})
+    rng.shuffle(docs)
+    return pre, docs, queries
+
+
+GENERATORS["contamination"] = generate_contamination

@@ -57,7 +57,7 @@ class Setting:
     retrains: int = 40  # retrain i draws its subset from seed (setting, i): extending the list reuses the cache
     tune_retrains: int = 8  # the last ones choose hyper-parameters; the reported LDS never uses them
     subset_fraction: float = 0.5
-    kind: str = "reference"  # which generator: reference, alias or instruct (see bench/harder.py)
+    kind: str = "reference"  # which generator: reference, alias, instruct or contamination (bench/harder.py)
 
     def key(self) -> str:
         """Hash of everything that determines the models and each retrain, not how many retrains.
@@ -68,9 +68,9 @@ class Setting:
         if fields["kind"] == "reference":
             del fields["kind"]
         else:  # the harder generators' code version: a change there must not reuse stale models
-            from bench.harder import VERSION
+            from bench.harder import CONTAMINATION_VERSION, VERSION
 
-            fields["generator_version"] = VERSION
+            fields["generator_version"] = CONTAMINATION_VERSION if fields["kind"] == "contamination" else VERSION
         blob = json.dumps({**fields, "v": 2}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -84,6 +84,8 @@ SETTINGS = {  # --setting NAME: (full, quick)
               dataclasses.replace(QUICK, name="alias-quick", kind="alias")),
     "instruct": (dataclasses.replace(FULL, name="instruct", kind="instruct"),
                  dataclasses.replace(QUICK, name="instruct-quick", kind="instruct")),
+    "contamination": (dataclasses.replace(FULL, name="contamination", kind="contamination"),
+                      dataclasses.replace(QUICK, name="contamination-quick", kind="contamination")),
 }
 CORPUS_KEYS = ("id", "text", "prompt", "completion")  # what corpus.jsonl carries; the rest goes to the sidecar
 

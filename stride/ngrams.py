@@ -3,17 +3,17 @@
 Contamination checks ask whether a benchmark item (question and answer) was in the training data.
 Attribution says which documents taught the model the answer; this index says, lexically, which
 documents contain the item's words in order. Words are lower-cased ``\\w+`` runs (case, punctuation
-and spacing do not matter); a text's grams are its word n-grams (n = 8 by default, as in the GPT-3
-and PaLM contamination studies' 8- to 13-grams), and a text shorter than n words is one gram of all
-its words. Grams are hashed to uint64 deterministically (blake2b of each word, a polynomial over the
-window, a splitmix64 finish; never Python's salted ``hash``), so an index written by one process is
-read by another.
+and spacing do not matter); a text's grams are its word n-grams (n = 8 by default; published
+contamination checks use 8- to 13-grams), and a text shorter than n words is one gram of all its
+words, found inside longer documents through the index's word postings. Grams are hashed to uint64
+deterministically (blake2b of each word, a polynomial over the window, a splitmix64 finish; never
+Python's salted ``hash``), so an index written by one process is read by another.
 
-The index is two arrays: the sorted distinct (gram hash, example) pairs' hashes and example rows,
-12 bytes per distinct gram of each document (sizes and build times: ``bench/results/contamination.md``).
-It is saved atomically *beside* the store
-(``STORE.ngrams-8.npz``: the store's own files are hashed by its manifest) with the corpus's sha256,
-and rebuilt when the corpus differs.
+The index is sorted (hash, example row) pairs, 12 bytes each (uint64 + int32): one per distinct
+n-gram of each document and one per distinct word of each document (sizes and build times:
+``bench/results/contamination.md``). It is saved atomically *beside* the store (``STORE.ngrams-8.npz``:
+the store's own files are hashed by its manifest) with the corpus's sha256, and rebuilt when the
+corpus differs.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 DEFAULT_N = 8
-FORMAT = 1
+FORMAT = 2  # 2: word postings beside the n-grams
 _WORD = re.compile(r"\w+")
 _BASE = np.uint64(0x100000001B3)  # odd multiplier of the window polynomial (the FNV-64 prime)
 _LENGTH = 0x9E3779B97F4A7C15  # the window's length enters the hash: a short text's gram != an n-gram
@@ -92,11 +92,29 @@ def holds_phrase(text: str, phrase: str) -> bool:
     return bool(p) and f" {' '.join(p)} " in f" {' '.join(words(text))} "
 
 
+def _sorted_pairs(keys: list[np.ndarray], rows: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    k = np.concatenate(keys) if keys else np.empty(0, np.uint64)
+    r = np.concatenate(rows) if rows else np.empty(0, np.int32)
+    order = np.lexsort((r, k))
+    return k[order], r[order]
+
+
+def _postings(keys: np.ndarray, rows: np.ndarray, wanted: np.ndarray) -> list[np.ndarray]:
+    lo, hi = np.searchsorted(keys, wanted, "left"), np.searchsorted(keys, wanted, "right")
+    return [rows[a:b] for a, b in zip(lo, hi, strict=True)]
+
+
 @dataclass
 class NgramIndex:
+    """Sorted (hash, example row) pairs: every distinct word n-gram of each document, and every
+    distinct word (so that an item shorter than n words, one gram of all its words, is found inside
+    longer documents too: the documents holding all its words are read and checked)."""
+
     n: int
-    hashes: np.ndarray  # (pairs,) uint64, sorted
+    hashes: np.ndarray  # (pairs,) uint64 n-gram hashes, sorted
     examples: np.ndarray  # (pairs,) int32: the example row holding each gram
+    word_hashes: np.ndarray  # (word pairs,) uint64 word hashes, sorted
+    word_examples: np.ndarray  # (word pairs,) int32
     num_examples: int
     corpus_sha256: str
 
@@ -105,30 +123,47 @@ class NgramIndex:
         """From the corpus's texts in row order."""
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
-        hasher, parts, rows, count = _WordHashes(), [], [], 0
+        hasher, grams, words_, g_rows, w_rows, count = _WordHashes(), [], [], [], [], 0
         for i, text in enumerate(texts):
-            g = np.unique(_windows(hasher(words(text)), n))
-            parts.append(g)
-            rows.append(np.full(g.size, i, np.int32))
+            wh = hasher(words(text))
+            g = np.unique(_windows(wh, n)) if wh.size >= n else np.empty(0, np.uint64)
+            u = np.unique(wh)
+            grams.append(g)
+            words_.append(u)
+            g_rows.append(np.full(g.size, i, np.int32))
+            w_rows.append(np.full(u.size, i, np.int32))
             count = i + 1
-        h = np.concatenate(parts) if parts else np.empty(0, np.uint64)
-        r = np.concatenate(rows) if rows else np.empty(0, np.int32)
-        order = np.lexsort((r, h))
-        return cls(n, h[order], r[order], count, corpus_sha256)
+        return cls(n, *_sorted_pairs(grams, g_rows), *_sorted_pairs(words_, w_rows), count, corpus_sha256)
 
     @property
     def nbytes(self) -> int:
-        return int(self.hashes.nbytes + self.examples.nbytes)
+        return int(self.hashes.nbytes + self.examples.nbytes + self.word_hashes.nbytes + self.word_examples.nbytes)
 
-    def overlaps(self, text: str) -> tuple[np.ndarray, np.ndarray, int]:
+    def overlaps(self, text: str, texts: Callable[[list[int]], list[str]] | None = None,
+                 limit: int = 1000) -> tuple[np.ndarray, np.ndarray, int]:
         """Every example sharing a gram with ``text``: (rows, share of the text's distinct grams each
-        holds, most first; the text's number of distinct grams)."""
-        g = gram_hashes(text, self.n)
-        if g.size == 0:
+        holds, most first; the text's number of distinct grams).
+
+        A text of fewer than n words is one gram: the examples holding all its words are candidates
+        and ``texts`` (reading examples' texts by row) checks which hold the words in order; only the
+        first ``limit`` candidates in corpus order are read (a short text of common words only)."""
+        ws = words(text)
+        if not ws:
             return np.empty(0, np.int64), np.empty(0), 0
-        lo, hi = np.searchsorted(self.hashes, g, "left"), np.searchsorted(self.hashes, g, "right")
-        hits = np.concatenate([self.examples[a:b] for a, b in zip(lo, hi, strict=True)]) if (hi > lo).any() \
-            else np.empty(0, np.int32)
+        wh = _WordHashes()(ws)
+        if len(ws) < self.n:
+            if texts is None:
+                raise TypeError("a text shorter than n words needs texts= to check its candidates")
+            rows = None
+            for post in sorted(_postings(self.word_hashes, self.word_examples, np.unique(wh)), key=len):
+                rows = post if rows is None else np.intersect1d(rows, post, assume_unique=True)
+                if rows.size == 0:
+                    break
+            rows = rows[:limit].astype(np.int64).tolist()
+            held = [r for r, t in zip(rows, texts(rows) if rows else [], strict=True) if holds_phrase(t, text)]
+            return np.asarray(held, np.int64), np.ones(len(held)), 1
+        g = np.unique(_windows(wh, self.n))
+        hits = np.concatenate(_postings(self.hashes, self.examples, g))
         rows, counts = np.unique(hits, return_counts=True)
         order = np.lexsort((rows, -counts))
         return rows[order].astype(np.int64), counts[order] / g.size, int(g.size)
@@ -137,8 +172,8 @@ class NgramIndex:
         """Atomically (a temporary file renamed over the old index)."""
         path = Path(path)
         buf = io.BytesIO()
-        np.savez(buf, hashes=self.hashes, examples=self.examples,
-                 meta=np.array([FORMAT, self.n, self.num_examples], np.int64),
+        np.savez(buf, hashes=self.hashes, examples=self.examples, word_hashes=self.word_hashes,
+                 word_examples=self.word_examples, meta=np.array([FORMAT, self.n, self.num_examples], np.int64),
                  corpus_sha256=np.array(self.corpus_sha256))
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         with open(tmp, "wb") as f:
@@ -153,10 +188,12 @@ class NgramIndex:
         try:
             with np.load(path) as z:
                 fmt, n, num = (int(x) for x in z["meta"])
-                index = cls(n, z["hashes"], z["examples"], num, str(z["corpus_sha256"]))
+                index = cls(n, z["hashes"], z["examples"], z["word_hashes"], z["word_examples"], num,
+                            str(z["corpus_sha256"]))
         except (OSError, KeyError, ValueError) as e:
             raise NgramIndexError(f"{path}: unreadable n-gram index ({e})") from None
-        if fmt != FORMAT or index.hashes.dtype != np.uint64 or index.hashes.shape != index.examples.shape:
+        if fmt != FORMAT or index.hashes.dtype != np.uint64 or index.hashes.shape != index.examples.shape \
+                or index.word_hashes.shape != index.word_examples.shape:
             raise NgramIndexError(f"{path}: not an n-gram index of format {FORMAT}")
         return index
 
@@ -222,7 +259,7 @@ def check_item(index: NgramIndex, prompt: str, completion: str, proponents: Sequ
                texts: Callable[[list[int]], list[str]], threshold: float = 0.5, candidates: int = 50) -> ItemCheck:
     """The flag rule above for one item (prompt = question, completion = answer); ``texts`` reads
     documents' texts by row (the answer check), ``candidates`` bounds the corpus documents read."""
-    rows, shares, grams = index.overlaps(prompt + completion)
+    rows, shares, grams = index.overlaps(prompt + completion, texts)
     share_of = dict(zip(rows.tolist(), shares.tolist(), strict=True))
     proponents = [int(p) for p in proponents]
     prop_texts = texts(proponents) if proponents else []

@@ -26,6 +26,17 @@ class ScanConfig:
 
 
 @dataclass
+class ContaminationConfig:
+    """Options of ``stride scan --contamination`` only (``stride.ngrams`` has the index and the rule)."""
+
+    contamination: bool = _arg(False, "Check every query as a benchmark item (prompt = question, completion = "
+                                      "answer): flagged when a top-k proponent holds it; writes contamination.jsonl.")
+    ngram: int = _arg(8, "Words per n-gram of the overlap index (STORE.ngrams-N.npz beside the store, built once).")
+    overlap: float = _arg(0.5, "Share of an item's n-grams a document must have, with the answer's words "
+                               "verbatim, to hold the item.")
+
+
+@dataclass
 class ExampleAggregate:
     """One example's row of a scan."""
 

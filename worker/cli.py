@@ -14,7 +14,7 @@ from pathlib import Path
 import typer
 
 from stride.config import BuildConfig, SolverConfig
-from stride.scan import ScanConfig
+from stride.scan import ContaminationConfig, ScanConfig
 from stride.update import UpdateConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -136,7 +136,8 @@ def scan(
     quiet: bool = typer.Option(False, help="No progress output."),
     **options,
 ) -> None:
-    """Attribute every query of a file and rank the training examples over all of them."""
+    """Attribute every query of a file and rank the training examples over all of them; with
+    --contamination, also flag the benchmark items whose top proponents hold them verbatim or nearly."""
     from stride.query import Attributor
     from stride.result import QueryError
     from stride.store import StoreError
@@ -146,14 +147,18 @@ def scan(
     _logging()
     try:
         attributor = Attributor.from_store(store, device=device, model=model)
-        summary = run_scan(attributor, queries, out, ScanConfig(**_given(options)), show_progress=not quiet)
+        given = _given(options)
+        checks = {f.name for f in dataclasses.fields(ContaminationConfig)}
+        summary = run_scan(attributor, queries, out, ScanConfig(**{k: v for k, v in given.items() if k not in checks}),
+                           show_progress=not quiet,
+                           contamination=ContaminationConfig(**{k: v for k, v in given.items() if k in checks}))
     except (ScanInputError, StoreError, QueryError) as e:
         _fail(e)
     typer.echo(json.dumps(summary))
 
 
 _fixed = [p for p in inspect.signature(scan).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-scan.__signature__ = inspect.Signature(_fixed + _config_options(ScanConfig))
+scan.__signature__ = inspect.Signature(_fixed + _config_options(ScanConfig) + _config_options(ContaminationConfig))
 app.command()(scan)
 
 

@@ -1,10 +1,11 @@
 """``stride scan``: attribute every query of a file and rank the training examples over all of them.
 
 Writes DIR/examples.jsonl (every example, most positive aggregate first), DIR/queries.jsonl (each
-query's top proponents) and DIR/report.html (self-contained). Resumable: after each chunk the
-accumulator's state is written atomically together with the byte length of queries.jsonl, so a
-killed scan truncates the half-written tail and continues from the last whole chunk. Memory is
-O(n * keep + chunk * n), whatever the number of queries.
+query's top proponents) and DIR/report.html (self-contained); with ``--contamination`` also
+DIR/contamination.jsonl (each query checked as a benchmark item, ``stride.ngrams.check_item``).
+Resumable: after each chunk the accumulator's state is written atomically together with the byte
+length of queries.jsonl, so a killed scan truncates the half-written tail and continues from the
+last whole chunk. Memory is O(n * keep + chunk * n), whatever the number of queries.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from pathlib import Path
 import numpy as np
 from pydantic import ValidationError
 
+from stride.ngrams import ItemCheck, check_item, for_store
 from stride.result import Query
-from stride.scan import ScanAccumulator, ScanConfig, select_indices
+from stride.scan import ContaminationConfig, ScanAccumulator, ScanConfig, select_indices
 from stride.store import write_json_atomic
 from worker.progress import Reporter, reporter
 
@@ -48,7 +50,7 @@ def read_queries(path: Path) -> tuple[list[str], list[Query], str]:
         if not isinstance(obj, dict):
             raise ScanInputError(f"{where}: expected a JSON object")
         qid = obj.pop("id", f"q{len(queries)}")
-        for extra in ("support", "relation", "object", "heldout_phrasing", "subject", "doc_subject"):
+        for extra in ("support", "relation", "object", "heldout_phrasing", "subject", "doc_subject", "contamination"):
             obj.pop(extra, None)  # benchmark metadata rides along in query files: not part of a query
         try:
             queries.append(Query.model_validate(obj))
@@ -63,11 +65,15 @@ def read_queries(path: Path) -> tuple[list[str], list[Query], str]:
 
 
 def scan(attributor, queries_path: str | Path, out: str | Path, cfg: ScanConfig | None = None,
-         progress: Reporter | None = None, show_progress: bool = False) -> dict:
+         progress: Reporter | None = None, show_progress: bool = False,
+         contamination: ContaminationConfig | None = None) -> dict:
     """Run (or resume) a scan; returns the summary written to DIR/scan.json."""
     cfg = cfg or ScanConfig()
     queries_path, out = Path(queries_path), Path(out)
     ids, queries, digest = read_queries(queries_path)
+    check = contamination if contamination is not None and contamination.contamination else None
+    if check is not None:
+        _check_items(queries_path, ids, queries, check)
     n = attributor.num_examples
     key = {"queries_sha256": digest, "store_version": attributor.store.version, "top_k": cfg.top_k,
            "keep": cfg.queries_per_example}
@@ -110,13 +116,62 @@ def scan(attributor, queries_path: str | Path, out: str | Path, cfg: ScanConfig 
             os.replace(tmp, state_path)
             write_json_atomic(progress_path, {"key": key, "done": done, "queries_bytes": qbytes})
             bar.advance(len(part))
-    summary = _write_outputs(acc, ids, corpus, out)
+    items = None
+    if check is not None:
+        items, summary_c = _contamination(attributor.store, ids, queries, qpath, out, check)
+    summary = _write_outputs(acc, ids, corpus, out, items)
     summary.update({"queries": len(queries), "examples": n, **key})
+    if check is not None:
+        summary["contamination"] = summary_c
     write_json_atomic(out / "scan.json", summary)
     return summary
 
 
-def _write_outputs(acc: ScanAccumulator, qids: list[str], corpus, out: Path) -> dict:
+def _check_items(path: Path, ids: list[str], queries: list[Query], check: ContaminationConfig) -> None:
+    """Before anything is written: contamination needs question/answer items and sane options."""
+    if check.ngram < 1:
+        raise ScanInputError(f"--ngram must be >= 1, got {check.ngram}")
+    if not 0 < check.overlap <= 1:
+        raise ScanInputError(f"--overlap must be in (0, 1], got {check.overlap}")
+    for qid, q in zip(ids, queries, strict=True):
+        if q.prompt is None or q.completion is None:
+            raise ScanInputError(f"{path}: query {qid}: --contamination needs a prompt (the question) and a "
+                                 "completion (the answer)")
+
+
+def _contamination(store, ids: list[str], queries: list[Query], queries_jsonl: Path, out: Path,
+                   check: ContaminationConfig) -> tuple[list[dict], dict]:
+    """Each query checked as a benchmark item against its top proponents (read back from
+    queries.jsonl) and the store's n-gram index; writes DIR/contamination.jsonl atomically."""
+    index, info = for_store(store, check.ngram)
+    corpus = store.corpus
+
+    def texts(rows: list[int]) -> list[str]:
+        return [r.text for r in corpus.records(rows)]
+
+    def doc(row: int | None) -> str | None:
+        return None if row is None else corpus.ids[row]
+
+    items = []
+    with open(queries_jsonl) as f:
+        for qid, q, line in zip(ids, queries, f, strict=True):
+            props = [p["index"] for p in json.loads(line)["proponents"]]
+            c: ItemCheck = check_item(index, q.prompt, q.completion, props, texts, check.overlap)
+            items.append({"id": qid, "flagged": c.flagged, "match": doc(c.match), "overlap": c.overlap, "rank": c.rank,
+                          "answer_in_proponent": c.answer_in_proponent,
+                          "best_proponent_overlap": max(c.proponent_overlaps, default=0.0),
+                          "corpus_match": doc(c.corpus_match), "corpus_overlap": c.corpus_overlap,
+                          "lexical_only": c.corpus_match is not None and not c.flagged, "grams": c.grams,
+                          "item": q.prompt + q.completion})
+    tmp = out / ".contamination.jsonl.tmp"
+    tmp.write_text("".join(json.dumps({k: v for k, v in it.items() if k != "item"}) + "\n" for it in items))
+    os.replace(tmp, out / "contamination.jsonl")
+    return items, {"flagged": sum(it["flagged"] for it in items),
+                   "lexical_only": sum(it["lexical_only"] for it in items),
+                   "ngram": check.ngram, "overlap": check.overlap, "index": info}
+
+
+def _write_outputs(acc: ScanAccumulator, qids: list[str], corpus, out: Path, items: list[dict] | None = None) -> dict:
     order = acc.ranking()
     tmp = out / ".examples.jsonl.tmp"
     with open(tmp, "w") as f:
@@ -127,7 +182,7 @@ def _write_outputs(acc: ScanAccumulator, qids: list[str], corpus, out: Path) -> 
                                 "queries": [{"id": qids[q], "score": s} for q, s in r.queries]}) + "\n")
     os.replace(tmp, out / "examples.jsonl")
     report = out / ".report.html.tmp"
-    report.write_text(_html(acc, order, qids, corpus, out / "queries.jsonl"))
+    report.write_text(_html(acc, order, qids, corpus, out / "queries.jsonl", items))
     os.replace(report, out / "report.html")
     return {"top": [corpus.ids[int(i)] for i in order[:10]]}
 
@@ -148,8 +203,34 @@ def _histogram_svg(values: np.ndarray, bins: int = 30) -> str:
             f"<p>{pos.size} of {values.size} examples have a positive aggregate (bar height: log count).</p>")
 
 
+def _contamination_html(items: list[dict], corpus, rows: int = 200) -> list[str]:
+    """The flagged items and those only the n-gram index finds, with the matching document's text."""
+    e = html.escape
+    flagged = [it for it in items if it["flagged"]]
+    lexical = [it for it in items if it["lexical_only"]]
+    body = ["<h2>Contamination</h2>",
+            f"<p>{len(flagged)} of {len(items)} items flagged: a top-k proponent holds the item (its share of the "
+            "item's n-grams at the threshold or above, and the answer's words verbatim). "
+            f"{len(lexical)} more are held by some corpus document per the n-gram index, but by none of their "
+            "top-k proponents.</p>"]
+    for title, part, key, extra in (("Flagged", flagged, "match", "rank"),
+                                    ("In the corpus, not among the top proponents", lexical, "corpus_match", None)):
+        body.append(f"<h3>{title} ({len(part)})</h3><table><tr><th>item</th><th>question and answer</th>"
+                    f"<th>document</th><th>overlap</th>{'<th>rank</th>' if extra else ''}<th>its text</th></tr>")
+        shown = part[:rows]
+        texts = [r.text for r in corpus.records([corpus.index_of(it[key]) for it in shown])] if shown else []
+        for it, text in zip(shown, texts, strict=True):
+            share = it["overlap"] if key == "match" else it["corpus_overlap"]
+            body.append(f"<tr><td>{e(it['id'])}</td><td>{e(it['item'][:300])}</td><td>{e(it[key])}</td>"
+                        f"<td>{share:.2f}</td>{f'<td>{it[extra]}</td>' if extra else ''}<td>{e(text[:300])}</td></tr>")
+        if len(part) > rows:
+            body.append(f"<tr><td colspan=6>... {len(part) - rows} more in contamination.jsonl</td></tr>")
+        body.append("</table>")
+    return body
+
+
 def _html(acc: ScanAccumulator, order: np.ndarray, qids: list[str], corpus, queries_jsonl: Path,
-          rows: int = 100) -> str:
+          items: list[dict] | None = None, rows: int = 100) -> str:
     """Self-contained: no script, no external asset; every corpus text escaped."""
     e = html.escape
     top = [int(i) for i in order[:rows]]
@@ -173,6 +254,8 @@ def _html(acc: ScanAccumulator, order: np.ndarray, qids: list[str], corpus, quer
             props = ", ".join(f"{e(p['id'])} ({p['score']:.3g})" for p in q["proponents"][:5])
             body.append(f"<tr><td>{e(q['id'])}</td><td>{props}</td></tr>")
     body.append("</table>")
+    if items is not None:
+        body += _contamination_html(items, corpus)
     style = ("body{font:14px system-ui,sans-serif;margin:2em;max-width:80em}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:2px 6px;text-align:left;vertical-align:top}rect{fill:#4a7}")
     return (f"<!doctype html><html><head><meta charset=utf-8><title>STRIDE scan</title><style>{style}</style>"
