@@ -23,10 +23,11 @@ from urllib.parse import parse_qs
 
 import httpx
 import pytest
+from test_service import Gate  # holds a query in flight until released
 
 from app.main import create_app
 from app.settings import Settings
-from stride.config import BuildConfig, Query
+from stride.config import BuildConfig
 from stride.query import Attributor
 
 CHROMIUM = os.environ.get("STRIDE_CHROMIUM", "/usr/bin/chromium")
@@ -44,6 +45,7 @@ if not Path(CHROMIUM).exists():
     if os.environ.get("CI"):
         raise RuntimeError(f"{CHROMIUM} is missing: .ci/run should have installed Debian's chromium")
     pytest.skip(f"no {CHROMIUM} (apt-get install chromium chromium-driver)", allow_module_level=True)
+
 sync_api = pytest.importorskip("playwright.sync_api", reason="pip install -e '.[dev]' brings playwright")
 expect = sync_api.expect  # its matchers run without eval: the page's CSP forbids eval (wait_for_function)
 
@@ -77,27 +79,6 @@ class Server:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
-
-
-class Slow:
-    """The real attributor, held while ``hold`` is set: a query that stays in flight on demand."""
-
-    def __init__(self, inner: Attributor):
-        self.inner = inner
-        self.hold = threading.Event()
-        self.entered = threading.Event()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-    def attribute_batch(self, queries: list[Query], *args: Any, **kwargs: Any) -> list:
-        if self.hold.is_set():
-            self.entered.set()
-            for _ in range(600):
-                if not self.hold.is_set():
-                    break
-                time.sleep(0.05)
-        return self.inner.attribute_batch(queries, *args, **kwargs)
 
 
 def settings(store: Path, **overrides: Any) -> Settings:
@@ -134,14 +115,17 @@ def html_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def slow(html_store: Path) -> Slow:
-    return Slow(Attributor.from_store(html_store))
+def gate(html_store: Path) -> Gate:
+    """The real attributor behind a gate that is open until a test closes it (a query held in flight)."""
+    g = Gate(Attributor.from_store(html_store))
+    g.release.set()
+    return g
 
 
 @pytest.fixture(scope="module")
-def keyed(html_store: Path, slow: Slow) -> Iterator[Server]:
+def keyed(html_store: Path, gate: Gate) -> Iterator[Server]:
     """API keys on, no Redis, a small prompt limit (413) and a query that can be held in flight."""
-    server = Server(settings(html_store, api_keys=f"{KEY},other-key", max_prompt_chars=200), slow)
+    server = Server(settings(html_store, api_keys=f"{KEY},other-key", max_prompt_chars=200), gate)
     yield server
     server.stop()
 
@@ -379,7 +363,7 @@ def test_api_key_prompt_and_html_as_text(keyed: Server, html_store: Path, open_p
     other.wait_for_selector("#key-dialog[open]")
 
 
-def test_errors_slow_query_and_cancel(keyed: Server, slow: Slow, open_page: Any) -> None:
+def test_errors_slow_query_and_cancel(keyed: Server, gate: Gate, open_page: Any) -> None:
     page = open_page(keyed, key=KEY)
     wait_ready(page)
     page.fill("#prompt", "the " * 60)  # 240 characters, over this server's 200: a 413 with its detail
@@ -387,26 +371,27 @@ def test_errors_slow_query_and_cancel(keyed: Server, slow: Slow, open_page: Any)
     page.wait_for_selector("#error:not([hidden])")
     assert "413" in page.inner_text("#error") and "over 200 characters" in page.inner_text("#error")
 
-    slow.hold.set()
+    gate.entered.clear()
+    gate.release.clear()
     try:
         page.fill("#prompt", "the quiet river boat")
         page.press("#prompt", "Enter")
         page.wait_for_selector("#progress:not([hidden])")
-        assert slow.entered.wait(20)
+        assert gate.entered.wait(20)
         expect(page.locator("#progress-text")).to_have_text(re.compile(r"[1-9]\.\d s"))  # a second passed
         assert page.is_visible("#cancel")
         page.click("#cancel")
         page.wait_for_selector("#error:has-text('Cancelled')")
         assert page.is_hidden("#progress") and page.is_enabled("#submit")
     finally:
-        slow.hold.clear()
+        gate.release.set()
     page.click("#submit")  # usable again at once
     page.wait_for_selector("#proponents li.item")
 
 
-def test_not_ready_server(demo_store: Path, open_page: Any) -> None:
+def test_not_ready_server(html_store: Path, open_page: Any) -> None:
     """A server whose model never loaded (no lifespan): the page says it is not ready, not a 503 dump."""
-    server = Server(settings(demo_store), attributor=None, lifespan="off")
+    server = Server(settings(html_store), attributor=None, lifespan="off")
     try:
         page = open_page(server)
         page.wait_for_selector("#banner:not([hidden])")
