@@ -385,8 +385,11 @@ def test_errors_slow_query_and_cancel(keyed: Server, gate: Gate, open_page: Any)
         assert page.is_hidden("#progress") and page.is_enabled("#submit")
     finally:
         gate.release.set()
-    page.click("#submit")  # usable again at once
-    page.wait_for_selector("#proponents li.item")
+    # usable again at once; a word the tokenizer never saw comes back as a warning beside the answer
+    page.fill("#prompt", "the quiet river qwxyz boat")
+    page.click("#submit")
+    page.wait_for_selector("#warnings:not([hidden])")
+    assert "unknown-tokens" in page.inner_text("#warnings")
 
 
 def test_not_ready_server(html_store: Path, open_page: Any) -> None:
