@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: venv demo demo-store serve test fuzz lint bench clean
+.PHONY: venv demo demo-store serve browser test fuzz lint bench clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -47,7 +47,14 @@ serve: demo-store
 	@echo
 	$(BIN)/stride serve --store $(DEMO)/store --host $(HOST) --port $(PORT)
 
-test: venv
+# Debian's chromium for the dashboard's browser tests (Playwright drives it; it never downloads a
+# browser): installed when missing and we are root, else tests/test_ui.py skips (fails under CI=true)
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } || \
+		echo "no chromium: tests/test_ui.py will skip (apt-get install chromium chromium-driver)"
+
+test: venv browser
 	$(BIN)/python -m pytest
 
 # schemathesis against a real `stride serve`, with and without API keys (also part of `make test`);
