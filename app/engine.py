@@ -20,6 +20,9 @@ from stride.query import Attributor
 from stride.result import Attribution, ModelRef, Query, StoreRef
 
 log = logging.getLogger("stride.app")
+# the cached answer's layout: bump when it changes, so a Redis shared with an older release never
+# serves answers of the old shape (2: model name instead of path, tokens, scored_text, warnings)
+PAYLOAD_FORMAT = 2
 
 
 class Engine:
@@ -34,7 +37,8 @@ class Engine:
                                                     self.store_ref.model_dump_json().encode())
         # everything besides the request that can change an answer
         self.fingerprint = {"model_sha256": self.model_ref.sha256, "store_version": self.store_ref.version,
-                            "solver": attributor.solver.to_dict(), "code_version": stride.__version__}
+                            "solver": attributor.solver.to_dict(), "code_version": stride.__version__,
+                            "payload": PAYLOAD_FORMAT}
         self.threads = model_threads(settings.torch_threads, attributor.lm.device)
         init = None if self.threads is None else (lambda: torch.set_num_threads(self.threads))
         self.batcher = MicroBatcher(attributor.attribute_batch, max_batch=settings.batch_max_size,
