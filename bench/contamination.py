@@ -71,7 +71,7 @@ def index_costs(scale: int, ngram: int) -> dict:
         t = time.perf_counter()
         ix = NgramIndex.build(texts, ngram)
         out[name] = {"documents": len(texts), "seconds": time.perf_counter() - t, "bytes": ix.nbytes,
-                     "pairs": int(ix.hashes.size)}
+                     "pairs": int(ix.hashes.size), "word_pairs": int(ix.word_hashes.size)}
     return out
 
 
@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> dict:
             "model_seconds": built.seconds, "scan_s": scan_s, "index": summary["contamination"]["index"],
             "index_costs": index_costs(args.scale, args.ngram),
             "rows": {name: prf(f, truth) for name, f in flags.items()}, "groups": groups, "variants": variants,
-            "lexical_only": [r["id"] for r in rows if r["lexical_only"]],
+            "lexical_only": {r["id"]: [(p["id"], round(p["score"], 3)) for p in q["proponents"][:3]]
+                             for r, q in zip(rows, per_query, strict=True) if r["lexical_only"]},
             "load_avg": list(os.getloadavg()), "wall_s": time.perf_counter() - t0}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "contamination.json").write_text(json.dumps(info, indent=2))
@@ -188,20 +189,25 @@ def report(info: dict) -> str:
     for v, r in info["variants"].items():
         ranks = ", ".join("—" if x is None else str(x) for x in r["STRIDE rank of the planted copy"])
         L.append(f"| {v} | {r['items']} | " + " | ".join(str(r[n]) for n in names) + f" | {ranks} |")
-    L += ["", f"Items the index finds in the corpus but STRIDE's top-{info['top_k']} does not hold: "
-          + (", ".join(f"`{x}`" for x in info["lexical_only"]) or "none") + ".", ""]
+    L += ["", f"Items the index finds in the corpus but STRIDE's top-{info['top_k']} does not hold (with "
+          "STRIDE's top 3 proponents and scores): "
+          + ("; ".join(f"`{x}`: " + ", ".join(f"{d} ({s})" for d, s in top) for x, top in info["lexical_only"].items())
+             or "none") + ".", ""]
     L += ["## Index cost\n",
           f"The store's index ({info['ngram']}-grams, `STORE.ngrams-{info['ngram']}.npz` beside the store): "
           f"built in {ix.get('seconds', float('nan')):.2f} s, {ix['bytes']:,} bytes of arrays ({ix['file_bytes']:,} on "
-          "disk; 12 bytes per distinct gram of each document: a uint64 hash and an int32 row), "
+          "disk; 12 bytes, a uint64 hash and an int32 row, per distinct n-gram and per distinct word of each "
+          "document), "
           f"reused on the next scan (corpus sha256 unchanged). The whole scan of {info['items']} items took "
           f"{info['scan_s']:.1f} s. Index builds alone:\n",
-          "| corpus | documents | (gram, document) pairs | bytes | build s |", "|---|---|---|---|---|"]
+          "| corpus | documents | (n-gram, document) pairs | (word, document) pairs | bytes | build s |",
+          "|---|---|---|---|---|---|"]
     for name, r in info["index_costs"].items():
-        L.append(f"| {name} | {r['documents']:,} | {r['pairs']:,} | {r['bytes']:,} | {r['seconds']:.2f} |")
+        L.append(f"| {name} | {r['documents']:,} | {r['pairs']:,} | {r['word_pairs']:,} | {r['bytes']:,} | "
+                 f"{r['seconds']:.2f} |")
     over = info["build_overrides"]
     L += ["", f"STRIDE store: default build (`{methods.DEFAULT_MODE}`, seed 0"
-          + (f", overrides {over}" if over else "") + f"), {info['store_build_s']:.0f} s"
+          + (f", overrides {over}" if over else ", no override") + f"), {info['store_build_s']:.0f} s to build"
           + (" (reused)" if info["store_reused"] else "") + f"; models: {json.dumps(info['model_seconds'])}."]
     return "\n".join(L) + "\n"
 
