@@ -38,7 +38,7 @@ VARIANTS = ("the line itself", "inside a longer page", "re-cased, re-punctuated"
 def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench.contamination", description=__doc__)
     ap.add_argument("--setting", choices=sorted(SETTINGS), default="contamination")
-    ap.add_argument("--quick", action="store_true", help="the setting's small variant")
+    ap.add_argument("--quick", action="store_true", help="the setting's small variant (results under quick/)")
     ap.add_argument("--top-k", type=int, default=10, help="proponents checked per item")
     ap.add_argument("--ngram", type=int, default=8)
     ap.add_argument("--overlap", type=float, default=0.5)
@@ -145,9 +145,10 @@ def main(argv: list[str] | None = None) -> dict:
             "lexical_only": {r["id"]: [(p["id"], round(p["score"], 3)) for p in q["proponents"][:3]]
                              for r, q in zip(rows, per_query, strict=True) if r["lexical_only"]},
             "load_avg": list(os.getloadavg()), "wall_s": time.perf_counter() - t0}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "contamination.json").write_text(json.dumps(info, indent=2))
-    (args.out / "contamination.md").write_text(report(info))
+    out = args.out / "quick" if args.quick else args.out  # never over the reference figures
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "contamination.json").write_text(json.dumps(info, indent=2))
+    (out / "contamination.md").write_text(report(info))
     print(report(info))
     return info
 
