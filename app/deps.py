@@ -3,6 +3,7 @@ the settings, and the JSON content-type rule."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -16,14 +17,16 @@ def settings_of(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def ready_engine(request: Request) -> Engine:
-    """The engine once the model and store are loaded and warmed up; NotReady (503) before and while draining."""
+async def ready_engine(request: Request) -> AsyncIterator[Engine]:
+    """The engine once the model and store are loaded and warmed up; NotReady (503) before and while draining.
+    Leased for the whole request: a hot reload retires the previous engine only once nobody holds it."""
     engine: Engine | None = request.app.state.engine
     if request.app.state.draining:
         raise NotReady("draining")
     if engine is None or not engine.warm:
         raise NotReady("starting")
-    return engine
+    with engine.lease():
+        yield engine
 
 
 def json_body(request: Request) -> None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +53,18 @@ class Engine:
                                      breaker=Breaker(settings.breaker_failures, settings.breaker_reset_s))
         self.flight = SingleFlight()
         self.warm = False
+        self.leases = 0  # requests holding this engine: a reload stops it once they are done
         if attributor.window < int(attributor.store.config.max_length):
             log.warning("the store's max_length %d exceeds the model's %d positions: queries get %d tokens",
                         attributor.store.config.max_length, attributor.window, attributor.window)
+
+    @contextlib.contextmanager
+    def lease(self) -> Iterator[Engine]:
+        self.leases += 1
+        try:
+            yield self
+        finally:
+            self.leases -= 1
 
     async def start(self) -> None:
         self.batcher.start()

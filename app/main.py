@@ -15,9 +15,12 @@ from fastapi import FastAPI
 
 import stride
 from app import api, docs, errors, metrics, ui
+from app.admin import PATHS as ADMIN_PATHS
+from app.admin import router as admin_router
 from app.engine import Engine
 from app.logs import setup_logging
 from app.middleware import OPEN_PATHS, ApiKeyAuth, BodyLimit, InflightLimit, RequestContext
+from app.reload import Reloader
 from app.settings import Settings
 from stride.query import Attributor
 
@@ -42,6 +45,8 @@ def create_app(settings: Settings | None = None, attributor: Attributor | None =
         engine = Engine(attr, settings)
         await engine.start()
         app.state.engine, app.state.draining = engine, False
+        app.state.reloader = reloader = Reloader(app, settings)  # POST /v1/admin/reload, the store watcher
+        reloader.start()
         metrics.READY.set(1)
         log.info("ready", extra={"store": str(attr.store.path), "device": str(attr.lm.device)})
         try:
@@ -49,7 +54,8 @@ def create_app(settings: Settings | None = None, attributor: Attributor | None =
         finally:
             app.state.draining = True
             metrics.READY.set(0)
-            await engine.stop()
+            await reloader.stop()  # stops watching; engines retired by a reload finish first
+            await app.state.engine.stop()  # the one serving now, after any reload
 
     app = FastAPI(
         title="STRIDE attribution service", version=stride.__version__, lifespan=lifespan,
@@ -64,7 +70,8 @@ def create_app(settings: Settings | None = None, attributor: Attributor | None =
     # and the key is checked before any body is buffered
     open_paths = OPEN_PATHS if settings.metrics_need_key else OPEN_PATHS | {"/metrics"}
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
-    app.add_middleware(ApiKeyAuth, keys=settings.keys(), open_paths=open_paths)
+    # admin routes check their own keys (app/admin.py): a query key gets 403 there
+    app.add_middleware(ApiKeyAuth, keys=settings.keys(), open_paths=open_paths | ADMIN_PATHS)
     app.add_middleware(InflightLimit, max_inflight=settings.max_inflight, retry_after_s=settings.retry_after_s)
     app.add_middleware(RequestContext)
 
@@ -72,6 +79,7 @@ def create_app(settings: Settings | None = None, attributor: Attributor | None =
     app.include_router(api.v1)
     app.include_router(api.probes)
     app.include_router(ui.router)
+    app.include_router(admin_router)
     docs.install(app, keyed=bool(settings.keys()), open_paths=open_paths)
     return app
 

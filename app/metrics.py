@@ -30,3 +30,6 @@ REJECTED = Counter("stride_rejected_total", "Queries and requests refused: queue
                    "limit), expired (dropped before computing), deadline (no answer in time), inflight (requests).",
                    ["reason"], registry=REGISTRY)
 READY = Gauge("stride_ready", "1 once the model and store are loaded and warmed up.", registry=REGISTRY)
+STORE_RELOADS = Counter("stride_store_reloads_total", "Hot reloads of the store: ok, unchanged (same version), "
+                        "refused (failed verification or warm-up; the previous store kept serving).", ["result"],
+                        registry=REGISTRY)

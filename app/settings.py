@@ -19,6 +19,11 @@ class Settings(BaseSettings):
     device: str | None = Field(None, description="cpu, cuda, cuda:1 ...; default cuda when present.")
     verify_store: bool = Field(True, description="Check every store file's sha256 at start-up.")
     warmup: bool = Field(True, description="Run one query before reporting ready.")
+    reload_poll_s: float = Field(0.0, ge=0, description="Watch the store path every this many seconds (a `current` "
+                                 "symlink flipped, a store replaced in place) and reload when its version changes; "
+                                 "0: only POST /v1/admin/reload.")
+    admin_keys: str = Field("", description="Comma-separated keys for /v1/admin (hot reload); never query keys, "
+                            "which get 403 there. Empty: admin routes off.")
 
     redis_url: str | None = Field(None, description="redis://host:port/db; unset disables the cache.")
     cache_namespace: str = Field("stride", description="Key prefix, so deployments can share a Redis.")
