@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 import stride
-from app import api, docs, errors, metrics, ui
+from app import api, docs, errors, jobs, metrics, ui
 from app.admin import PATHS as ADMIN_PATHS
 from app.admin import router as admin_router
 from app.engine import Engine
@@ -56,6 +56,7 @@ def create_app(settings: Settings | None = None, attributor: Attributor | None =
             metrics.READY.set(0)
             await reloader.stop()  # stops watching; engines retired by a reload finish first
             await app.state.engine.stop()  # the one serving now, after any reload
+            await jobs.close(app)
 
     app = FastAPI(
         title="STRIDE attribution service", version=stride.__version__, lifespan=lifespan,
@@ -77,6 +78,7 @@ def create_app(settings: Settings | None = None, attributor: Attributor | None =
 
     # routers: one line each (the dashboard's, admin's ... go here too)
     app.include_router(api.v1)
+    app.include_router(jobs.router)
     app.include_router(api.probes)
     app.include_router(ui.router)
     app.include_router(admin_router)

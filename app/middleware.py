@@ -198,6 +198,7 @@ class ApiKeyAuth:
             await send_problem(send, 401, "missing or invalid API key", scope["path"],
                                {"WWW-Authenticate": 'Bearer realm="stride"'})
             return
+        scope.setdefault("state", {})["api_key"] = given  # whose request: background jobs belong to a key
         await self.app(scope, receive, send)
 
 

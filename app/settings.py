@@ -62,6 +62,23 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_prompts: bool = Field(False, description="Log prompt text (off: logs carry no user text).")
 
+    # background scan jobs (/v1/jobs, `stride worker-jobs`): need redis_url
+    jobs_dir: Path = Field(Path("stride-jobs"), description="Worker side: one directory per job (its input and "
+                           "the scan's resumable state); removed once the job's record expires.")
+    jobs_result_ttl_s: int = Field(24 * 3600, ge=1, description="A job's record and result are forgotten this long "
+                                   "after their last write.")
+    jobs_result_rows: int = Field(1000, ge=1, description="Ranked rows of a scan kept in Redis for GET .../result "
+                                  "(the whole examples.jsonl stays in the job's directory).")
+    jobs_max_per_key: int = Field(2, ge=1, description="Jobs one API key may have queued or running; beyond, 429 "
+                                  "+ Retry-After.")
+    jobs_max_queries: int = Field(10_000, ge=1, description="Queries in one scan job (413 beyond).")
+    jobs_retry_after_s: int = Field(30, ge=1, description="Retry-After of a 429 (too many jobs) or a Redis outage.")
+    jobs_timeout_s: int = Field(24 * 3600, ge=1, description="Longest a scan job may run; also how long arq waits "
+                                "before running again a job whose worker was killed (kill -9; a SIGTERM "
+                                "re-queues it at once).")
+    jobs_chunk: int = Field(32, ge=1, description="Queries per scan chunk: the granularity of progress, "
+                            "cancellation and resume.")
+
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, url: str | None) -> str | None:

@@ -1,4 +1,4 @@
-"""The ``stride`` command: build, update, attribute, scan, select, demo-assets, serve."""
+"""The ``stride`` command: build, update, attribute, scan, select, demo-assets, serve, worker-jobs."""
 
 from __future__ import annotations
 
@@ -292,6 +292,47 @@ def serve(
     except (ConfigError, StoreError) as e:
         _fail(e)
     uvicorn.run("app.main:app", host=host, port=port, **options)
+
+
+@app.command("worker-jobs")
+def worker_jobs(
+    store: Path = typer.Option(..., envvar="STRIDE_STORE", help="Operator store directory (the one served)."),
+    redis_url: str = typer.Option(..., envvar="STRIDE_REDIS_URL", help="The service's Redis (the job queue)."),
+    jobs_dir: Path | None = typer.Option(None, envvar="STRIDE_JOBS_DIR", help="One directory per job (resumable "
+                                         "scan state) [default: stride-jobs]."),
+    device: str | None = typer.Option(None, envvar="STRIDE_DEVICE", help="cpu, cuda ... (default: cuda if present)."),
+    concurrency: int = typer.Option(1, help="Jobs run at once by this process."),
+    threads: int = typer.Option(1, help="Torch threads on CPU (0: torch's default, one per core)."),
+    nice: int = typer.Option(10, help="CPU niceness added to this process, so that a scan sharing a machine with "
+                             "`stride serve` yields to interactive queries (0: none)."),
+) -> None:
+    """Run background scan jobs (POST /v1/jobs/scan) from the Redis queue; other settings from STRIDE_*."""
+    import os
+
+    os.environ["STRIDE_REDIS_URL"] = redis_url
+    if jobs_dir is not None:
+        os.environ["STRIDE_JOBS_DIR"] = str(jobs_dir)
+    from arq import Worker
+    from pydantic import ValidationError
+
+    from app.settings import Settings
+    from stride.query import Attributor
+    from stride.store import StoreError
+    from worker.jobs import worker_settings
+
+    _logging()
+    try:
+        settings = Settings(store=store)
+        if nice:
+            os.nice(nice)
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        attributor = Attributor.from_store(store, device=device, model=settings.model, verify=settings.verify_store)
+    except (ValidationError, StoreError) as e:
+        _fail(e)
+    Worker(**worker_settings(settings, attributor, max_jobs=concurrency)).run()
 
 
 def main() -> None:

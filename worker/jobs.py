@@ -1,0 +1,242 @@
+"""Background scan jobs: the arq worker (``stride worker-jobs``) and the job record both sides share.
+
+The API process only validates, enqueues and reads (``app/jobs.py``); the scan runs here, in a
+separate process that loads the store once, so a long scan never holds the service's model thread.
+State lives in Redis (arq's queue plus one hash per job), so jobs outlive an API restart, and each
+job scans into its own directory under ``STRIDE_JOBS_DIR`` with ``worker.scan.scan``'s resumable
+state, so a job whose worker died continues where its last chunk ended once arq runs it again.
+
+Record ``{ns}:job:{id}`` (a hash): owner (sha256 of the API key), state (queued, running, complete,
+failed, cancelled), done/total queries, timestamps, error; ``cancel`` is set by DELETE on a running
+job and read by the scan's progress hook after every chunk. Result ``{ns}:job:{id}:result``: the
+first ``STRIDE_JOBS_RESULT_ROWS`` rows of examples.jsonl (a list, so GET pages with LRANGE). Both
+expire ``STRIDE_JOBS_RESULT_TTL_S`` after the last write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from concurrent.futures import TimeoutError as FutureTimeout
+from pathlib import Path
+from typing import Any
+
+from stride.result import QueryError
+from stride.scan import ScanConfig
+from stride.store import StoreError
+
+log = logging.getLogger("stride.jobs")
+
+ACTIVE = ("queued", "running")
+TERMINAL = ("complete", "failed", "cancelled")
+FUNCTION = "scan_job"
+
+# compare-and-set of a record's state: HSET only when the current state is one of ARGV[1] (comma list);
+# refreshes the TTL; returns the previous state, or false when the record is gone or in another state
+_TRANSITION = """
+local s = redis.call('HGET', KEYS[1], 'state')
+if not s then return false end
+for allowed in string.gmatch(ARGV[1], '[^,]+') do
+  if allowed == s then
+    redis.call('HSET', KEYS[1], 'state', ARGV[2], unpack(ARGV, 4))
+    redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
+    return s
+  end
+end
+return false
+"""
+
+
+class JobCancelled(Exception):
+    """Raised by the progress hook between chunks once a cancel is requested: the scan stops there."""
+
+
+def record_key(ns: str, job_id: str) -> str:
+    return f"{ns}:job:{job_id}"
+
+
+def result_key(ns: str, job_id: str) -> str:
+    return f"{ns}:job:{job_id}:result"
+
+
+def active_key(ns: str, owner: str) -> str:
+    return f"{ns}:jobs:active:{owner}"
+
+
+def queue_name(ns: str) -> str:
+    return f"{ns}:jobs:queue"
+
+
+def owner_of(api_key: str | None) -> str:
+    """Jobs belong to a key; the record keeps its sha256, never the key. No keys configured: one owner."""
+    return "open" if api_key is None else hashlib.sha256(api_key.encode()).hexdigest()[:32]
+
+
+async def transition(redis, ns: str, job_id: str, allowed: tuple[str, ...], state: str, ttl_s: int,
+                     **fields: Any) -> str | None:
+    """Atomically move a record from one of ``allowed`` to ``state`` (plus fields); the previous state or None."""
+    flat = [str(x) for kv in fields.items() for x in kv]
+    prev = await redis.eval(_TRANSITION, 1, record_key(ns, job_id), ",".join(allowed), state, str(ttl_s), *flat)
+    return prev.decode() if isinstance(prev, bytes) else prev or None
+
+
+async def read_record(redis, ns: str, job_id: str) -> dict[str, str] | None:
+    raw = await redis.hgetall(record_key(ns, job_id))
+    return {k.decode(): v.decode() for k, v in raw.items()} if raw else None
+
+
+class JobProgress:
+    """``worker.scan.scan``'s progress hook, called from the scan's thread after each chunk's state is
+    saved: writes done/total to the record and raises JobCancelled when a cancel was requested, so a
+    cancelled scan stops between chunks with everything before it on disk."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, redis, ns: str, job_id: str, done: int, ttl_s: int,
+                 stop: Any):
+        self.loop, self.redis, self.ns, self.job_id, self.done, self.ttl = loop, redis, ns, job_id, done, ttl_s
+        self.stop = stop  # threading.Event: set when arq cancels the task (an abort or a shutdown)
+
+    async def _write(self) -> bool:
+        key = record_key(self.ns, self.job_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(key, mapping={"done": self.done, "updated": time.time()})
+            pipe.expire(key, self.ttl)
+            pipe.hget(key, "cancel")
+            *_, cancel = await pipe.execute()
+        return cancel is not None
+
+    def advance(self, n: int = 1, **stats: float) -> None:
+        self.done += n
+        try:
+            cancel = asyncio.run_coroutine_threadsafe(self._write(), self.loop).result(timeout=30)
+        except FutureTimeout:
+            log.warning("job %s: progress not written (Redis slow)", self.job_id)
+            cancel = False
+        if cancel or self.stop.is_set():
+            raise JobCancelled(self.job_id)
+
+
+def _resumed(out: Path) -> int:
+    """Queries a previous run of this job already scanned (the scan's own progress file), for the counter."""
+    try:
+        return int(json.loads((out / "progress.json").read_text())["done"])
+    except (OSError, KeyError, ValueError, TypeError):
+        return 0
+
+
+def _top_rows(path: Path, rows: int) -> list[bytes]:
+    out = []
+    with open(path, "rb") as f:
+        for line in f:
+            if len(out) >= rows:
+                break
+            out.append(line.rstrip(b"\n"))
+    return out
+
+
+async def scan_job(ctx: dict, job_id: str, queries_jsonl: str, top_k: int, queries_per_example: int) -> dict:
+    """One scan job. Returns a short summary (arq keeps it); the record and result list are what the API reads."""
+    import threading
+
+    from worker.scan import ScanInputError
+    from worker.scan import scan as run_scan
+
+    redis, s = ctx["redis"], ctx["settings"]
+    ns, ttl = s.cache_namespace, s.jobs_result_ttl_s
+    rec = await read_record(redis, ns, job_id)
+    if rec is None or rec["state"] in TERMINAL:  # expired, or cancelled while queued
+        return {"state": rec["state"] if rec else "expired"}
+    if rec.get("cancel"):  # cancelled while its previous worker was going down
+        await _finish(redis, ns, job_id, rec["owner"], "cancelled", ttl)
+        return {"state": "cancelled"}
+    if await transition(redis, ns, job_id, ACTIVE, "running", ttl, started=time.time(),
+                        attempt=ctx.get("job_try", 1)) is None:
+        return {"state": "gone"}
+    jdir = Path(s.jobs_dir) / job_id
+    jdir.mkdir(parents=True, exist_ok=True)
+    src, out = jdir / "input.jsonl", jdir / "scan"
+    if not src.exists():  # written once: the scan's resume key is this file's sha256
+        tmp = jdir / ".input.jsonl.tmp"
+        tmp.write_text(queries_jsonl)
+        os.replace(tmp, src)
+    loop, stop = asyncio.get_running_loop(), threading.Event()
+    progress = JobProgress(loop, redis, ns, job_id, _resumed(out), ttl, stop)
+    await redis.hset(record_key(ns, job_id), "done", progress.done)
+    cfg = ScanConfig(top_k=top_k, queries_per_example=queries_per_example, chunk=s.jobs_chunk)
+    fut = loop.run_in_executor(None, lambda: run_scan(ctx["attributor"], src, out, cfg, progress=progress))
+    owner = rec["owner"]
+    try:
+        summary = await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        # arq cancelled the task: a DELETE (abort) or the worker shutting down. The scan thread
+        # cannot be interrupted mid-chunk; it stops at the next progress call, its state saved.
+        stop.set()
+        try:
+            await fut
+        except JobCancelled:
+            pass
+        rec = await read_record(redis, ns, job_id) or {}
+        if rec.get("cancel"):
+            await _finish(redis, ns, job_id, owner, "cancelled", ttl)
+        else:  # shutdown: queued again, and arq runs it again (resuming from the saved chunk)
+            await transition(redis, ns, job_id, ("running",), "queued", ttl)
+        raise
+    except JobCancelled:
+        await _finish(redis, ns, job_id, owner, "cancelled", ttl)
+        return {"state": "cancelled"}
+    except (ScanInputError, QueryError, StoreError) as e:
+        await _finish(redis, ns, job_id, owner, "failed", ttl, error=str(e).replace(str(src), "queries"))
+        return {"state": "failed"}
+    rows = _top_rows(out / "examples.jsonl", s.jobs_result_rows)
+    rkey = result_key(ns, job_id)
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.delete(rkey)
+        if rows:
+            pipe.rpush(rkey, *rows)
+        pipe.expire(rkey, ttl)
+        await pipe.execute()
+    await _finish(redis, ns, job_id, owner, "complete", ttl, examples=summary["examples"], result_rows=len(rows))
+    return {"state": "complete", "top": summary["top"][:3]}
+
+
+async def _finish(redis, ns: str, job_id: str, owner: str, state: str, ttl: int, **fields: Any) -> None:
+    await transition(redis, ns, job_id, ACTIVE, state, ttl, finished=time.time(), **fields)
+    await redis.srem(active_key(ns, owner), job_id)
+
+
+async def prune_dirs(redis, ns: str, jobs_dir: Path) -> int:
+    """Remove the directories of jobs whose record expired (results expire; their files too)."""
+    removed = 0
+    if not jobs_dir.is_dir():
+        return 0
+    for d in jobs_dir.iterdir():
+        if d.is_dir() and not await redis.exists(record_key(ns, d.name)):
+            shutil.rmtree(d, ignore_errors=True)
+            removed += 1
+    return removed
+
+
+def worker_settings(settings, attributor, max_jobs: int = 1) -> dict[str, Any]:
+    """Keyword arguments of ``arq.Worker``: the scan function, the store loaded once, aborts allowed."""
+    from arq.connections import RedisSettings
+
+    async def startup(ctx: dict) -> None:
+        ctx["settings"], ctx["attributor"] = settings, attributor
+        n = await prune_dirs(ctx["redis"], settings.cache_namespace, Path(settings.jobs_dir))
+        log.info("job worker ready: queue %s, %d expired job directories removed",
+                 queue_name(settings.cache_namespace), n)
+
+    async def after_job(ctx: dict) -> None:
+        await prune_dirs(ctx["redis"], settings.cache_namespace, Path(settings.jobs_dir))
+
+    from arq import func
+
+    return {"functions": [func(scan_job, name=FUNCTION, timeout=settings.jobs_timeout_s)],
+            "redis_settings": RedisSettings.from_dsn(settings.redis_url),
+            "queue_name": queue_name(settings.cache_namespace), "on_startup": startup, "after_job_end": after_job,
+            "allow_abort_jobs": True, "max_jobs": max_jobs, "job_timeout": settings.jobs_timeout_s,
+            "keep_result": settings.jobs_result_ttl_s, "poll_delay": 0.5}
