@@ -25,6 +25,7 @@ from redis.exceptions import RedisError
 from app.api import problem_docs
 from app.deps import AppSettings, ReadyEngine
 from app.errors import Problem, problem_for
+from app.schemas import ProblemDoc
 from app.settings import Settings
 from stride.result import QueryError
 from worker.jobs import (
@@ -41,15 +42,20 @@ from worker.jobs import (
 from worker.scan import ScanInputError, read_queries
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-DOCS = {
-    **problem_docs(401, 413, 503),
-    404: {"description": "No such job for this key (another key's job is not found either).",
-          "content": {"application/problem+json": {}}},
-    409: {"description": "The job is not in a state that allows this (no result yet; already finished).",
-          "content": {"application/problem+json": {}}},
-    429: {"description": "This key already has STRIDE_JOBS_MAX_PER_KEY jobs queued or running (Retry-After).",
-          "content": {"application/problem+json": {}}},
+JOB_TEXT = {
+    404: "No such job for this key (another key's job is not found either).",
+    409: "The job is not in a state that allows this (no result yet; already finished).",
+    429: "This key already has STRIDE_JOBS_MAX_PER_KEY jobs queued or running (Retry-After).",
+    503: "Jobs off (no STRIDE_REDIS_URL), Redis unreachable (Retry-After), or the service not ready.",
 }
+
+
+def _docs(*codes: int) -> dict[int | str, dict[str, Any]]:
+    docs = problem_docs(*(c for c in codes if c not in JOB_TEXT))
+    for c in codes:
+        if c in JOB_TEXT:
+            docs[c] = {"model": ProblemDoc, "description": JOB_TEXT[c], "content": {"application/problem+json": {}}}
+    return docs
 
 
 class ScanJobRequest(BaseModel):
@@ -207,7 +213,7 @@ async def _body(request: Request) -> tuple[bytes, str, bool, int, int]:
 
 
 BODY_DOC = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": {"$ref": "#/components/schemas/ScanJobRequest"}, "example": {
+    "application/json": {"schema": ScanJobRequest.model_json_schema(), "example": {
         "queries": [{"id": "vormo", "prompt": "The capital of Vormo is", "completion": " Rabrinek"},
                     {"prompt": "The city of Mosha was founded by", "completion": " Bridun"}], "top_k": 10}},
     "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
@@ -216,7 +222,7 @@ BODY_DOC = {"requestBody": {"required": True, "content": {
 }}}
 
 
-@router.post("/scan", status_code=202, response_model=JobStatus, responses={**DOCS, **problem_docs(415, 422)},
+@router.post("/scan", status_code=202, response_model=JobStatus, responses=_docs(401, 408, 413, 415, 422, 429, 503),
              openapi_extra=BODY_DOC)
 async def submit_scan(request: Request, engine: ReadyEngine, settings: AppSettings) -> JSONResponse:
     """Queue a scan of many queries (``stride scan`` as a job): 202 with the job's URL in ``Location``.
@@ -261,7 +267,7 @@ def _status(job_id: str, rec: dict[str, str], ttl: int, request: Request) -> dic
             "result": str(request.url_for("job_result", job_id=job_id).path) if done else None, "expires_in_s": ttl}
 
 
-@router.get("/{job_id}", response_model=JobStatus, responses=DOCS)
+@router.get("/{job_id}", response_model=JobStatus, responses=_docs(401, 404, 503))
 async def job_status(job_id: str, request: Request, settings: AppSettings) -> dict[str, Any]:
     """State and progress (queries done of total)."""
     async with _redis(request) as redis:
@@ -270,7 +276,7 @@ async def job_status(job_id: str, request: Request, settings: AppSettings) -> di
     return _status(job_id, rec, max(int(ttl), 0), request)
 
 
-@router.get("/{job_id}/result", response_model=JobResult, responses=DOCS)
+@router.get("/{job_id}/result", response_model=JobResult, responses=_docs(401, 404, 409, 422, 503))
 async def job_result(job_id: str, request: Request, settings: AppSettings,
                      offset: int = Query(0, ge=0, description="First rank to return, from 0."),
                      limit: int = Query(100, ge=1, le=1000, description="Rows per page (top-N: offset 0, limit N).")
@@ -290,7 +296,7 @@ async def job_result(job_id: str, request: Request, settings: AppSettings,
             "items": [json.loads(r) for r in raw], "next": nxt}
 
 
-@router.delete("/{job_id}", status_code=202, response_model=JobStatus, responses=DOCS)
+@router.delete("/{job_id}", status_code=202, response_model=JobStatus, responses=_docs(401, 404, 409, 503))
 async def cancel_job(job_id: str, request: Request, settings: AppSettings) -> dict[str, Any]:
     """Cancel a queued job (at once) or a running one (its scan stops after the chunk in progress; the state
     turns to cancelled then). A finished job is a 409."""
