@@ -17,6 +17,7 @@ import pytest
 import torch
 from _tiny import write_corpus, write_model
 from safetensors.torch import load_file, save_file
+from test_resume import _fixed_threads  # noqa: F401  (autouse: one thread, so a resumed refit is bit-exact)
 
 from stride.config import BuildConfig
 from stride.corpus import Corpus
@@ -219,19 +220,7 @@ def test_bad_updates_are_refused_and_write_nothing(tiny, tmp_path: Path, case: s
 # ------------------------------------------------------------------ kill -9 and resume
 
 
-@pytest.fixture()
-def _fixed_threads(monkeypatch: pytest.MonkeyPatch):
-    """Bit-exact comparisons need one reduction order (as in test_resume)."""
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        monkeypatch.setenv(var, "1")
-    monkeypatch.setenv("MKL_DYNAMIC", "FALSE")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def test_kill_and_resume_gives_the_same_store(tiny, tmp_path: Path, _fixed_threads) -> None:
+def test_kill_and_resume_gives_the_same_store(tiny, tmp_path: Path) -> None:
     root = tiny["root"]
 
     def args(out: Path) -> list[str]:
