@@ -95,8 +95,11 @@ class Reloader:
         async with self._lock:
             t0 = time.perf_counter()
             old: Engine = self.app.state.engine
-            path = Path(store or self.settings.store)
             previous = old.store_ref.version
+            if store is None and self.settings.store is None:
+                raise self._refuse(Path("."), StoreError("no store to reload: STRIDE_STORE is unset and the request "
+                                                         "names none (send {\"store\": PATH})"))
+            path = Path(store or self.settings.store)
             try:
                 version = manifest_version(read_manifest(path))
             except (StoreError, KeyError) as e:
