@@ -322,7 +322,10 @@ def backdoor_section(bd: dict) -> list[str]:
          "queries are summed per document (positive parts, `stride.scan`, what `stride scan` ranks by), and "
          "the documents ranked by that sum. *found@k*: planted documents among the top k (at most "
          f"min(k, {poisoned})); *rank of last*: how far down a reviewer reads to see all {poisoned}. Rows over "
-         "design seeds: the mean.\n",
+         "design seeds: the mean. The trigger is a rare word found in every planted document and every trigger "
+         "query, so lexical matching (BM25) finds all of them at once: this behaviour does not separate methods "
+         "that read the text from methods that read the model, and a backdoor whose trigger is not shared "
+         "verbatim is not built yet.\n",
          "| method | found@10 | found@50 | rank of last |", "|---|---|---|---|"]
     for name, v in sorted(bd.items(), key=lambda kv: (-kv[1]["found@50"], kv[1]["rank_of_last"])):
         L.append(f"| {name} | {v['found@10']:.1f} | {v['found@50']:.1f} | {v['rank_of_last']:.0f} |")
