@@ -108,16 +108,19 @@ def lds_split(scores: torch.Tensor, gt: dict, setting, split: str = "report") ->
 
 
 def planted_recall(scores: torch.Tensor, support: list[list[int]], ks=(1, 5)) -> dict[str, float]:
-    """recall@k of each query's supporting documents among its top-k proponents (score > 0), MRR."""
+    """recall@k of each query's supporting documents among its top-k proponents (score > 0), MRR; over
+    the queries that have supporting documents (the contamination setting's absent facts have none)."""
     order = torch.argsort(scores, dim=1, descending=True, stable=True)
     rec = {k: 0.0 for k in ks}
     mrr = 0.0
     for q, sup in enumerate(support):
+        if not sup:
+            continue
         ranked = order[q][scores[q, order[q]] > 0].tolist()
         s = set(sup)
         for k in ks:
             rec[k] += len(s & set(ranked[:k])) / min(len(s), k)
         first = next((r for r, i in enumerate(ranked) if i in s), None)
         mrr += 0.0 if first is None else 1.0 / (first + 1)
-    n = max(1, len(support))
+    n = max(1, sum(1 for sup in support if sup))
     return {**{f"recall@{k}": v / n for k, v in rec.items()}, "mrr": mrr / n}
