@@ -7,6 +7,7 @@ A job belongs to the API key that submitted it: another key gets 404, as for an 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import tempfile
@@ -32,6 +33,7 @@ from worker.jobs import (
     ACTIVE,
     FUNCTION,
     active_key,
+    input_key,
     owner_of,
     queue_name,
     read_record,
@@ -82,6 +84,7 @@ class JobStatus(BaseModel):
     finished: float | None = None
     cancel_requested: bool = False
     error: str | None = Field(None, description="Why a failed job failed.")
+    store_version: str | None = Field(None, description="The store version the worker scanned (once complete).")
     result: str | None = Field(None, description="The result's URL, once complete.")
     expires_in_s: int = Field(..., description="Seconds until the job and its result are forgotten.")
 
@@ -155,7 +158,7 @@ def _invalid(detail: str, loc: list[Any], status: int = 422) -> Problem:
     return Problem(status, detail, extra={"errors": [{"loc": loc, "msg": detail, "type": "invalid_query"}]})
 
 
-def validate(raw: bytes, name: str, inline: bool, engine, settings: Settings) -> int:
+async def validate(raw: bytes, name: str, inline: bool, engine, settings: Settings) -> int:
     """Every query checked as ``stride scan`` checks it, then tokenised as the service does; the error names
     the upload's ``file:line`` (or ``queries[i]`` inline) and the field. Returns the number of queries."""
     with tempfile.TemporaryDirectory() as d:
@@ -175,6 +178,8 @@ def validate(raw: bytes, name: str, inline: bool, engine, settings: Settings) ->
                       "(STRIDE_JOBS_MAX_QUERIES)", slug="too-large")
     lines = [no for no, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), 1) if line.strip()]
     for i, (no, q) in enumerate(zip(lines, queries, strict=True)):
+        if i % 64 == 63:  # tokenising 10,000 queries takes seconds: let interactive requests through meanwhile
+            await asyncio.sleep(0)
         try:
             engine.check(q)
         except QueryError as e:
@@ -228,7 +233,7 @@ async def submit_scan(request: Request, engine: ReadyEngine, settings: AppSettin
     """Queue a scan of many queries (``stride scan`` as a job): 202 with the job's URL in ``Location``.
     Every query is checked first; a bad one is a 422 naming its line (or index) and field, and nothing is queued."""
     raw, name, inline, top_k, per_example = await _body(request)
-    total = validate(raw, name, inline, engine, settings)
+    total = await validate(raw, name, inline, engine, settings)
     owner, ns, ttl = _owner(request), settings.cache_namespace, settings.jobs_result_ttl_s
     job_id = uuid.uuid4().hex
     async with _redis(request) as redis:
@@ -246,10 +251,10 @@ async def submit_scan(request: Request, engine: ReadyEngine, settings: AppSettin
             pipe.hset(record_key(ns, job_id), mapping={"owner": owner, "state": "queued", "done": 0, "total": total,
                                                        "created": now, "top_k": top_k})
             pipe.expire(record_key(ns, job_id), ttl)
+            pipe.set(input_key(ns, job_id), raw, ex=ttl)
             pipe.sadd(active, job_id)
             await pipe.execute()
-        await redis.enqueue_job(FUNCTION, job_id, raw.decode("utf-8", errors="replace"), top_k, per_example,
-                                _job_id=job_id)
+        await redis.enqueue_job(FUNCTION, job_id, top_k, per_example, _job_id=job_id)
         rec = await read_record(redis, ns, job_id)
     url = str(request.url_for("job_status", job_id=job_id).path)
     return JSONResponse(_status(job_id, rec or {}, ttl, request), status_code=202, headers={"Location": url})
@@ -264,6 +269,7 @@ def _status(job_id: str, rec: dict[str, str], ttl: int, request: Request) -> dic
             "progress": {"done": int(rec.get("done", 0)), "total": int(rec.get("total", 0))},
             "created": num("created") or 0.0, "started": num("started"), "finished": num("finished"),
             "cancel_requested": bool(rec.get("cancel")), "error": rec.get("error"),
+            "store_version": rec.get("store_version"),
             "result": str(request.url_for("job_result", job_id=job_id).path) if done else None, "expires_in_s": ttl}
 
 

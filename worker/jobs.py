@@ -64,6 +64,11 @@ def result_key(ns: str, job_id: str) -> str:
     return f"{ns}:job:{job_id}:result"
 
 
+def input_key(ns: str, job_id: str) -> str:
+    """The job's queries (JSONL), kept until it ends: not an arq argument, so arq's log lines carry no prompt."""
+    return f"{ns}:job:{job_id}:input"
+
+
 def active_key(ns: str, owner: str) -> str:
     return f"{ns}:jobs:active:{owner}"
 
@@ -138,7 +143,7 @@ def _top_rows(path: Path, rows: int) -> list[bytes]:
     return out
 
 
-async def scan_job(ctx: dict, job_id: str, queries_jsonl: str, top_k: int, queries_per_example: int) -> dict:
+async def scan_job(ctx: dict, job_id: str, top_k: int, queries_per_example: int) -> dict:
     """One scan job. Returns a short summary (arq keeps it); the record and result list are what the API reads."""
     import threading
 
@@ -160,8 +165,12 @@ async def scan_job(ctx: dict, job_id: str, queries_jsonl: str, top_k: int, queri
     jdir.mkdir(parents=True, exist_ok=True)
     src, out = jdir / "input.jsonl", jdir / "scan"
     if not src.exists():  # written once: the scan's resume key is this file's sha256
+        raw = await redis.get(input_key(ns, job_id))
+        if raw is None:
+            await _finish(redis, ns, job_id, rec["owner"], "failed", ttl, error="the job's queries expired")
+            return {"state": "failed"}
         tmp = jdir / ".input.jsonl.tmp"
-        tmp.write_text(queries_jsonl)
+        tmp.write_bytes(raw)
         os.replace(tmp, src)
     loop, stop = asyncio.get_running_loop(), threading.Event()
     progress = JobProgress(loop, redis, ns, job_id, _resumed(out), ttl, stop)
@@ -199,13 +208,15 @@ async def scan_job(ctx: dict, job_id: str, queries_jsonl: str, top_k: int, queri
             pipe.rpush(rkey, *rows)
         pipe.expire(rkey, ttl)
         await pipe.execute()
-    await _finish(redis, ns, job_id, owner, "complete", ttl, examples=summary["examples"], result_rows=len(rows))
+    await _finish(redis, ns, job_id, owner, "complete", ttl, examples=summary["examples"], result_rows=len(rows),
+                  store_version=summary["store_version"])
     return {"state": "complete", "top": summary["top"][:3]}
 
 
 async def _finish(redis, ns: str, job_id: str, owner: str, state: str, ttl: int, **fields: Any) -> None:
     await transition(redis, ns, job_id, ACTIVE, state, ttl, finished=time.time(), **fields)
     await redis.srem(active_key(ns, owner), job_id)
+    await redis.delete(input_key(ns, job_id))
 
 
 async def prune_dirs(redis, ns: str, jobs_dir: Path) -> int:
