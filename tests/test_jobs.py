@@ -2,7 +2,8 @@
 ``stride serve`` process on free ports, on the session's demo store.
 
 Submit, poll and fetch (the top example is the one a direct ``worker.scan.scan`` ranks first); cancel a
-running job (its scan stops between chunks) and a queued one; the per-key limit; bad inputs refused
+running job (its scan stops between chunks) and a queued one; the per-key limit; a worker stopped
+mid-job (SIGTERM) re-queues it and the next worker resumes it; bad inputs refused
 with the line or index and nothing queued; another key's job is a 404; state survives an API restart.
 """
 
@@ -74,7 +75,7 @@ def stack(demo_store: Path, redis_url: str, tmp_path_factory: pytest.TempPathFac
              "redis_url": redis_url}
     yield state
     state["server"].stop()
-    worker.stop()
+    state["worker"].stop()
 
 
 def client(stack, key: str = KEYS[0]) -> httpx.Client:
@@ -222,6 +223,26 @@ def test_unknown_and_other_keys_jobs_are_404(stack) -> None:
             assert a.get(f"/v1/jobs/{unknown}").status_code == 404
         assert httpx.get(f"{stack['server'].url}/v1/jobs/{job['job_id']}").status_code == 401  # no key at all
         wait(a, job["job_id"], lambda s: s["state"] == "complete")
+
+
+def test_a_stopped_worker_requeues_its_job_and_the_next_one_resumes_it(stack) -> None:
+    many = demo_queries(stack["store"], 120) * 20
+    with client(stack) as c:
+        job = c.post("/v1/jobs/scan", json={"queries": many}).json()["job_id"]
+        wait(c, job, lambda b: b["progress"]["done"] >= 2 * CHUNK)
+        stack["worker"].stop()  # SIGTERM: arq cancels the job, which ends at its chunk and goes back to the queue
+        stopped = c.get(f"/v1/jobs/{job}").json()
+        assert stopped["state"] == "queued" and 0 < stopped["progress"]["done"] < len(many), stopped
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("STRIDE_")}, **stack["env"],
+               "STRIDE_DEVICE": "cpu", "STRIDE_JOBS_CHUNK": str(CHUNK)}
+        stack["worker"] = JobWorker(stack["store"], env, stack["tmp"] / "worker2.log", stack["tmp"] / "jobs")
+        stack["worker"].wait_ready()
+        done = wait(c, job, lambda b: b["state"] not in ("queued", "running"))
+    assert done["state"] == "complete" and done["progress"]["done"] == len(many), done
+    assert "try=2" in (stack["tmp"] / "worker2.log").read_text()
+    # resumed, not restarted: every query's line written once (the scan truncates a half-written chunk)
+    lines = (stack["tmp"] / "jobs" / job / "scan" / "queries.jsonl").read_text().splitlines()
+    assert len(lines) == len(many)
 
 
 def test_job_state_survives_an_api_restart(stack) -> None:
