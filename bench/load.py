@@ -12,7 +12,10 @@ Rows: 1, 8, 32, 64, 128 clients, ``--requests`` each; then 32 clients with Redis
 a third of the way through, and with Redis frozen (SIGSTOP, resumed at the end). Per row: p50, p95,
 p99 of answered requests, req/s, failures by kind (503 shed, 504, 5xx, transport errors: a request
 that got no response at all), the server's RSS before and after, the load average. ``--soak``: 32
-clients for ``--soak-s`` seconds (600), RSS sampled every 10 s.
+clients for ``--soak-s`` seconds (600), RSS sampled every 10 s. ``--setting STRIDE_X=V`` runs the
+client rows against a server with other settings (e.g. a lower ``STRIDE_MAX_INFLIGHT``) and keeps
+them beside the default rows. A client told 503 waits its ``Retry-After`` before the next request,
+as ``stride.client`` does.
 
     .venv/bin/python -m bench.load --store demo/store --queries demo/queries.jsonl
     .venv/bin/python -m bench.load --store demo/store --queries demo/queries.jsonl --soak
@@ -32,6 +35,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -75,11 +79,11 @@ class Redis:
 class Server:
     """``stride serve`` with the default settings and a cache."""
 
-    def __init__(self, store: Path, redis_url: str, log: Path) -> None:
+    def __init__(self, store: Path, redis_url: str, log: Path, settings: dict[str, str]) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         env = {**{k: v for k, v in os.environ.items() if not k.startswith("STRIDE_")},
-               "STRIDE_REDIS_URL": redis_url, "STRIDE_LOG_LEVEL": "WARNING", "STRIDE_DEVICE": "cpu"}
+               "STRIDE_REDIS_URL": redis_url, "STRIDE_LOG_LEVEL": "WARNING", "STRIDE_DEVICE": "cpu", **settings}
         exe = shutil.which("stride", path=str(Path(sys.executable).parent)) or "stride"
         self.proc = subprocess.Popen([exe, "serve", "--store", str(store), "--port", str(self.port)], env=env,
                                      stdout=subprocess.DEVNULL, stderr=log.open("ab"))
@@ -113,9 +117,12 @@ async def _drive(base: str, bodies: list[dict[str, Any]], clients: int, requests
         nonlocal done, faulted
         while (body := take()) is not None:
             t0 = time.perf_counter()
+            retry_after = 0.0
             try:
                 r = await http.post("/v1/attribute", json=body)
                 kind = "ok" if r.status_code == 200 else str(r.status_code)
+                if r.status_code == 503:  # shed: a well-behaved client waits as told (stride.client does)
+                    retry_after = float(r.headers.get("retry-after", 1))
             except httpx.TransportError as e:
                 kind = f"transport:{type(e).__name__}"
             if kind == "ok":
@@ -126,6 +133,8 @@ async def _drive(base: str, bodies: list[dict[str, Any]], clients: int, requests
             if fault and not faulted and redis_pid and done >= requests / 3:
                 faulted = True
                 os.kill(redis_pid, signal.SIGKILL if fault == "kill" else signal.SIGSTOP)
+            if retry_after:
+                await asyncio.sleep(retry_after)
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as http:
@@ -155,14 +164,16 @@ def run_row(server: Server, bodies: list[dict[str, Any]], clients: int, requests
     argv = ["taskset", "-c", last_core, "nice", "-n", "5", sys.executable, "-m", "bench.load", "--generator",
             str(spec)]
     before = {"rss_mb": rss_mb(server.proc.pid), "load": loadavg(), "cpu": cpu_s(server.proc.pid)}
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
+    out_file = spec.with_suffix(".out")  # a file, not a pipe: the raw latencies overflow a pipe's buffer
+    with out_file.open("w") as out:
+        proc = subprocess.Popen(argv, stdout=out, text=True, cwd=Path(__file__).parent.parent)
     t0 = time.monotonic()
     while proc.poll() is None:  # sample the server's memory while the row runs (the soak's flatness)
         time.sleep(1)
         if sample is not None and time.monotonic() - t0 >= 10 * (len(sample) + 1):
             sample.append({"t_s": round(time.monotonic() - t0), "rss_mb": round(rss_mb(server.proc.pid), 1),
                            "load": loadavg()})
-    raw = json.loads(proc.stdout.read())
+    raw = json.loads(out_file.read_text())
     after = {"rss_mb": rss_mb(server.proc.pid), "load": loadavg(), "cpu": cpu_s(server.proc.pid)}
     lat = sorted(raw["latencies"])
 
@@ -197,13 +208,15 @@ def main() -> None:
     ap.add_argument("--soak", action="store_true", help="only the soak: 32 clients for --soak-s seconds")
     ap.add_argument("--soak-s", type=float, default=600)
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--setting", action="append", default=[], metavar="STRIDE_X=V",
+                    help="a server setting for this run; the rows then go under 'variants' in load.json")
     args = ap.parse_args()
-    work = args.out / ".load-work"
-    work.mkdir(parents=True, exist_ok=True)
+    settings = dict(kv.split("=", 1) for kv in args.setting)
+    work = Path(tempfile.mkdtemp(prefix="stride-load-"))  # row specs, raw outputs, the server's log
     bodies = load_bodies(args.store, args.queries, top_k=10)
     random.Random(0).shuffle(bodies)
     redis = Redis()
-    server = Server(args.store, redis.url, work / "server.log")
+    server = Server(args.store, redis.url, work / "server.log", settings)
     asyncio.run(wait_ready(server.base))
     result_path = args.out / "load.json"
     result: dict[str, Any] = json.loads(result_path.read_text()) if result_path.is_file() else {}
@@ -216,6 +229,13 @@ def main() -> None:
             row = run_row(server, bodies, 32, 0, work, offset=10**6, duration=args.soak_s, sample=samples)
             result["soak"] = {**row, "duration_s": args.soak_s, "rss_samples": samples,
                               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+        elif settings:
+            levels = list(map(int, args.clients.split(",")))
+            rows = [run_row(server, bodies, c, args.requests, work, offset=(20 + i) * args.requests)
+                    for i, c in enumerate(levels)]
+            name = " ".join(args.setting)
+            result.setdefault("variants", {})[name] = {
+                "rows": rows, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
         else:
             levels = list(map(int, args.clients.split(",")))
             rows = [run_row(server, bodies, c, args.requests, work, offset=(1 + i) * args.requests)
@@ -259,6 +279,8 @@ def report(r: dict[str, Any]) -> str:
                   *table(r["rows"], "clients"), "",
                   "## Redis faults (32 clients; Redis frozen with SIGSTOP, or killed with SIGKILL, a third of "
                   "the way through)", "", *table(r["faults"], "row"), ""]
+    for name, v in r.get("variants", {}).items():
+        lines += [f"## With `{name}` ({v['date']})", "", *table(v["rows"], "clients"), ""]
     if "soak" in r:
         s = r["soak"]
         rss = [x["rss_mb"] for x in s["rss_samples"]]
