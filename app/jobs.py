@@ -46,7 +46,7 @@ from worker.scan import ScanInputError, read_queries
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 JOB_TEXT = {
     404: "No such job for this key (another key's job is not found either).",
-    409: "The job is not in a state that allows this (no result yet; already finished).",
+    409: "The job has no result (yet): it is queued, running, failed or cancelled.",
     429: "This key already has STRIDE_JOBS_MAX_PER_KEY jobs queued or running (Retry-After).",
     503: "Jobs off (no STRIDE_REDIS_URL), Redis unreachable (Retry-After), or the service not ready.",
 }
@@ -146,7 +146,7 @@ def _owner(request: Request) -> str:
 async def _record(redis, request: Request, job_id: str) -> dict[str, str]:
     ns = request.app.state.settings.cache_namespace
     rec = await read_record(redis, ns, job_id) if re.fullmatch(r"[0-9a-f]{32}", job_id) else None
-    if rec is None or rec.get("owner") != _owner(request):
+    if rec is None or rec.get("owner") != _owner(request) or rec.get("deleted"):
         raise Problem(404, f"no job {job_id!r} (unknown, expired, or another key's)")
     return rec
 
@@ -202,7 +202,7 @@ async def _body(request: Request) -> tuple[bytes, str, bool, int, int]:
         try:
             opts = ScanJobRequest.model_validate({"queries": [], **{k: int(v) for k, v in form.items()
                                                                     if k in ("top_k", "queries_per_example")}})
-        except (ValueError, ValidationError) as e:
+        except (TypeError, ValueError, ValidationError) as e:  # TypeError: an option sent as a file
             raise _invalid(f"options: {e}", ["body"]) from None
         return raw, name, False, opts.top_k, opts.queries_per_example
     if media != "application/json":
@@ -227,8 +227,8 @@ BODY_DOC = {"requestBody": {"required": True, "content": {
 }}}
 
 
-@router.post("/scan", status_code=202, response_model=JobStatus, responses=_docs(401, 408, 413, 415, 422, 429, 503),
-             openapi_extra=BODY_DOC)
+@router.post("/scan", status_code=202, response_model=JobStatus, openapi_extra=BODY_DOC,
+             responses=_docs(400, 401, 408, 413, 415, 422, 429, 503))
 async def submit_scan(request: Request, engine: ReadyEngine, settings: AppSettings) -> JSONResponse:
     """Queue a scan of many queries (``stride scan`` as a job): 202 with the job's URL in ``Location``.
     Every query is checked first; a bad one is a 422 naming its line (or index) and field, and nothing is queued."""
@@ -302,10 +302,11 @@ async def job_result(job_id: str, request: Request, settings: AppSettings,
             "items": [json.loads(r) for r in raw], "next": nxt}
 
 
-@router.delete("/{job_id}", status_code=202, response_model=JobStatus, responses=_docs(401, 404, 409, 503))
-async def cancel_job(job_id: str, request: Request, settings: AppSettings) -> dict[str, Any]:
-    """Cancel a queued job (at once) or a running one (its scan stops after the chunk in progress; the state
-    turns to cancelled then). A finished job is a 409."""
+@router.delete("/{job_id}", status_code=202, response_model=JobStatus, responses=_docs(401, 404, 503))
+async def delete_job(job_id: str, request: Request, settings: AppSettings) -> dict[str, Any]:
+    """Cancel and forget a job: a queued one never starts, a running one stops after the chunk in progress
+    (``cancel_requested``), a finished one's result is dropped. The answer is the job's last status; from
+    then on the job is a 404 for its key too."""
     from arq.constants import abort_jobs_ss
     from arq.utils import timestamp_ms
 
@@ -314,10 +315,13 @@ async def cancel_job(job_id: str, request: Request, settings: AppSettings) -> di
         rec = await _record(redis, request, job_id)
         if await transition(redis, ns, job_id, ("queued",), "cancelled", ttl, cancel=1, finished=time.time()):
             await redis.srem(active_key(ns, rec["owner"]), job_id)
-        elif not await transition(redis, ns, job_id, ("running",), "running", ttl, cancel=1):
-            rec = await _record(redis, request, job_id)
-            raise Problem(409, f"job {job_id} is already {rec['state']}", slug="job-finished",
-                          extra={"state": rec["state"]})
+        else:  # running: the worker's progress hook reads the flag after the chunk in progress
+            await transition(redis, ns, job_id, ("running",), "running", ttl, cancel=1)
         await redis.zadd(abort_jobs_ss, {job_id: timestamp_ms()})  # arq's abort: a queued job is never started
         rec = await _record(redis, request, job_id)
+        # the record stays (hidden) until it expires: the worker still reports the scan's end in it
+        async with redis.pipeline(transaction=True) as pipe:
+            pipe.hset(record_key(ns, job_id), "deleted", 1)
+            pipe.delete(result_key(ns, job_id), input_key(ns, job_id))
+            await pipe.execute()
     return _status(job_id, rec, ttl, request)
