@@ -19,14 +19,15 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import LiveServer
 
 KEYS = ("key-a", "key-b")
 CHUNK = 4  # the worker's STRIDE_JOBS_CHUNK: cancellation and progress happen every 4 queries
 
 
-class JobWorker:
+class JobWorker(LiveServer):
     """``stride worker-jobs`` in its own process; ready once it logs that it listens on the queue (started
-    before the server, so that both load the store at once)."""
+    before the server, so that both load the store at once). Stopped as a server is: SIGTERM, then wait."""
 
     def __init__(self, store: Path, env: dict[str, str], log: Path, jobs_dir: Path) -> None:
         exe = shutil.which("stride", path=str(Path(sys.executable).parent)) or "stride"
@@ -43,21 +44,10 @@ class JobWorker:
                 raise RuntimeError(f"stride worker-jobs did not start:\n{self.log.read_text()[-3000:]}")
             time.sleep(0.3)
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
 
 @pytest.fixture(scope="module")
 def stack(demo_store: Path, redis_url: str, tmp_path_factory: pytest.TempPathFactory):
     """One server and one worker (one job at a time) sharing a Redis namespace of their own."""
-    from conftest import LiveServer
-
     tmp = tmp_path_factory.mktemp("jobs")
     ns = f"jobs-{os.getpid()}-{time.monotonic_ns()}"
     env = {"STRIDE_API_KEYS": ",".join(KEYS), "STRIDE_REDIS_URL": redis_url, "STRIDE_CACHE_NAMESPACE": ns,
@@ -270,8 +260,6 @@ def test_a_stopped_worker_requeues_its_job_and_the_next_one_resumes_it(stack) ->
 
 
 def test_job_state_survives_an_api_restart(stack) -> None:
-    from conftest import LiveServer
-
     with client(stack) as c:
         job = c.post("/v1/jobs/scan", json={"queries": demo_queries(stack["store"], 4)}).json()
         done = wait(c, job["job_id"], lambda b: b["state"] == "complete")
