@@ -299,14 +299,14 @@ def worker_jobs(
     store: Path = typer.Option(..., envvar="STRIDE_STORE", help="Operator store directory (the one served)."),
     redis_url: str = typer.Option(..., envvar="STRIDE_REDIS_URL", help="The service's Redis (the job queue)."),
     jobs_dir: Path | None = typer.Option(None, envvar="STRIDE_JOBS_DIR", help="One directory per job (resumable "
-                                         "scan state) [default: stride-jobs]."),
+                                         "scan state); default: stride-jobs."),
     device: str | None = typer.Option(None, envvar="STRIDE_DEVICE", help="cpu, cuda ... (default: cuda if present)."),
-    concurrency: int = typer.Option(1, help="Jobs run at once by this process."),
     threads: int = typer.Option(1, help="Torch threads on CPU (0: torch's default, one per core)."),
     nice: int = typer.Option(10, help="CPU niceness added to this process, so that a scan sharing a machine with "
                              "`stride serve` yields to interactive queries (0: none)."),
 ) -> None:
-    """Run background scan jobs (POST /v1/jobs/scan) from the Redis queue; other settings from STRIDE_*."""
+    """Run background scan jobs (POST /v1/jobs/scan) from the Redis queue, one at a time (its model is not
+    shared between threads: run more workers for more jobs at once); other settings from STRIDE_*."""
     import os
 
     os.environ["STRIDE_REDIS_URL"] = redis_url
@@ -332,7 +332,7 @@ def worker_jobs(
         attributor = Attributor.from_store(store, device=device, model=settings.model, verify=settings.verify_store)
     except (ValidationError, StoreError) as e:
         _fail(e)
-    Worker(**worker_settings(settings, attributor, max_jobs=concurrency)).run()
+    Worker(**worker_settings(settings, attributor)).run()
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ state, so a job whose worker died continues where its last chunk ended once arq 
 
 Record ``{ns}:job:{id}`` (a hash): owner (sha256 of the API key), state (queued, running, complete,
 failed, cancelled), done/total queries, timestamps, error; ``cancel`` is set by DELETE on a running
-job and read by the scan's progress hook after every chunk. Result ``{ns}:job:{id}:result``: the
+job and read by the scan's progress hook after every chunk; ``deleted`` hides it from the API. Result ``{ns}:job:{id}:result``: the
 first ``STRIDE_JOBS_RESULT_ROWS`` rows of examples.jsonl (a list, so GET pages with LRANGE). Both
 expire ``STRIDE_JOBS_RESULT_TTL_S`` after the last write.
 """
@@ -231,8 +231,9 @@ async def prune_dirs(redis, ns: str, jobs_dir: Path) -> int:
     return removed
 
 
-def worker_settings(settings, attributor, max_jobs: int = 1) -> dict[str, Any]:
-    """Keyword arguments of ``arq.Worker``: the scan function, the store loaded once, aborts allowed."""
+def worker_settings(settings, attributor) -> dict[str, Any]:
+    """Keyword arguments of ``arq.Worker``: the scan function, the store loaded once, aborts allowed, one job
+    at a time (the scan's thread owns the model while it runs)."""
     from arq.connections import RedisSettings
 
     async def startup(ctx: dict) -> None:
@@ -249,5 +250,5 @@ def worker_settings(settings, attributor, max_jobs: int = 1) -> dict[str, Any]:
     return {"functions": [func(scan_job, name=FUNCTION, timeout=settings.jobs_timeout_s)],
             "redis_settings": RedisSettings.from_dsn(settings.redis_url),
             "queue_name": queue_name(settings.cache_namespace), "on_startup": startup, "after_job_end": after_job,
-            "allow_abort_jobs": True, "max_jobs": max_jobs, "job_timeout": settings.jobs_timeout_s,
+            "allow_abort_jobs": True, "max_jobs": 1, "job_timeout": settings.jobs_timeout_s,
             "keep_result": settings.jobs_result_ttl_s, "poll_delay": 0.5}
