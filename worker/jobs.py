@@ -8,8 +8,9 @@ state, so a job whose worker died continues where its last chunk ended once arq 
 
 Record ``{ns}:job:{id}`` (a hash): owner (sha256 of the API key), state (queued, running, complete,
 failed, cancelled), done/total queries, timestamps, error; ``cancel`` is set by DELETE on a running
-job and read by the scan's progress hook after every chunk; ``deleted`` hides it from the API. Result ``{ns}:job:{id}:result``: the
-first ``STRIDE_JOBS_RESULT_ROWS`` rows of examples.jsonl (a list, so GET pages with LRANGE). Both
+job and read by the scan's progress hook after every chunk; ``deleted`` hides it from the API.
+Result ``{ns}:job:{id}:result``: the first ``STRIDE_JOBS_RESULT_ROWS`` rows of examples.jsonl (a list,
+so GET pages with LRANGE). Both
 expire ``STRIDE_JOBS_RESULT_TTL_S`` after the last write.
 """
 
