@@ -63,7 +63,7 @@ class ReloadResponse(BaseModel):
     seconds: float = Field(..., description="Load, verification and warm-up time.")
 
 
-DOCS = {**problem_docs(401, 503), 403: {"description": "A query key, or admin routes off."},
+DOCS = {**problem_docs(400, 401, 408, 415, 503), 403: {"description": "A query key, or admin routes off."},
         409: {"description": "Another reload is in progress."},
         422: {"description": "The store failed verification; the previous one is still served."}}
 

@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from app.batcher import DeadlineExceeded, Overloaded, Stopped
 from app.context import request_id_var
@@ -24,9 +25,9 @@ PROBLEM = "application/problem+json"
 log = logging.getLogger("stride.app")
 
 # problem type slugs; "about:blank" would do, but a stable slug lets clients branch on it
-SLUGS = {400: "bad-request", 401: "unauthorized", 404: "not-found", 405: "method-not-allowed",
-         413: "too-large", 415: "unsupported-media-type", 422: "invalid-request", 503: "unavailable",
-         504: "deadline-exceeded"}
+SLUGS = {400: "bad-request", 401: "unauthorized", 403: "forbidden", 404: "not-found", 405: "method-not-allowed",
+         408: "request-timeout", 409: "conflict", 413: "too-large", 415: "unsupported-media-type",
+         422: "invalid-request", 429: "too-many-requests", 503: "unavailable", 504: "deadline-exceeded"}
 
 
 class Problem(Exception):
@@ -122,5 +123,16 @@ def install(app: FastAPI, retry_after_s: int) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return problem_response(exc.status_code, str(exc.detail), request.url.path,
-                                headers=getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:  # Starlette's Allow names only the first route on the path
+            headers = {**(headers or {}), "Allow": ", ".join(_allowed(request))}
+        return problem_response(exc.status_code, str(exc.detail), request.url.path, headers=headers)
+
+
+def _allowed(request: Request) -> list[str]:
+    """Every method some route serves on this path (GET /v1/jobs/{id} and DELETE are two routes)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if route.matches(request.scope)[0] is not Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)

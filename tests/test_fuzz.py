@@ -50,7 +50,7 @@ def check(report: dict) -> int:
     return int(report["test_cases"]["generated"])
 
 
-def test_fuzz_open_and_keyed(live_server, demo_store: Path, tmp_path: Path) -> None:
+def test_fuzz_open_and_keyed(live_server, demo_store: Path, redis_url: str, tmp_path: Path) -> None:
     from conftest import LiveServer
 
     keyed_dir, open_dir = tmp_path / "keyed", tmp_path / "open"
@@ -60,7 +60,8 @@ def test_fuzz_open_and_keyed(live_server, demo_store: Path, tmp_path: Path) -> N
     # and its ignored_auth check sends none where the OpenAPI declares the scheme
     keyed = schemathesis(live_server.url, keyed_dir, f"Authorization: Bearer {live_server.key}", seed=1)
     n_keyed = check(keyed)
-    server = LiveServer(demo_store, tmp_path / "open.log")  # no keys, no cache
+    # no keys; Redis as deployed (the jobs routes need it: without it they answer 503 by design)
+    server = LiveServer(demo_store, tmp_path / "open.log", STRIDE_REDIS_URL=redis_url, STRIDE_CACHE_NAMESPACE="open")
     try:
         n_open = check(schemathesis(server.url, open_dir, seed=2))
     finally:

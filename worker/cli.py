@@ -54,11 +54,24 @@ def _config_options(cls) -> list[inspect.Parameter]:
     return params
 
 
+def _command(*configs: type):
+    """Register a command whose ``**options`` are the fields of ``configs`` (the CLI is generated from
+    them, help text included, never restated here)."""
+
+    def register(fn):
+        fixed = [p for p in inspect.signature(fn).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        fn.__signature__ = inspect.Signature(fixed + [p for c in configs for p in _config_options(c)])
+        return app.command()(fn)
+
+    return register
+
+
 def _given(options: dict) -> dict:
     """The config options given on the command line (those left out are None: the field's default)."""
     return {k: v for k, v in options.items() if v is not None}
 
 
+@_command(BuildConfig)
 def build(
     model: Path = typer.Option(..., help="Hugging Face causal-LM directory (local)."),
     data: Path = typer.Option(..., help="JSONL corpus: {id?, text} or {id?, prompt, completion} per line."),
@@ -92,11 +105,7 @@ def build(
     typer.echo(str(path))
 
 
-_fixed = [p for p in inspect.signature(build).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-build.__signature__ = inspect.Signature(_fixed + _config_options(BuildConfig))
-app.command()(build)
-
-
+@_command(UpdateConfig)
 def update(
     store: Path = typer.Option(..., help="The operator store to update (left untouched)."),
     out: Path = typer.Option(..., help="The new store version to write (replaced atomically)."),
@@ -122,11 +131,7 @@ def update(
     typer.echo(str(path))
 
 
-_fixed = [p for p in inspect.signature(update).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-update.__signature__ = inspect.Signature(_fixed + _config_options(UpdateConfig))
-app.command()(update)
-
-
+@_command(ScanConfig, ContaminationConfig)
 def scan(
     store: Path = typer.Option(..., help="Operator store directory."),
     queries: Path = typer.Option(..., help="JSONL of queries ({id?, prompt, completion} or any query form)."),
@@ -157,11 +162,7 @@ def scan(
     typer.echo(json.dumps(summary))
 
 
-_fixed = [p for p in inspect.signature(scan).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-scan.__signature__ = inspect.Signature(_fixed + _config_options(ScanConfig) + _config_options(ContaminationConfig))
-app.command()(scan)
-
-
+@_command(ScanConfig)
 def select(
     store: Path = typer.Option(..., help="Operator store directory."),
     target: Path = typer.Option(..., help="JSONL of target queries: the behaviour to keep."),
@@ -186,11 +187,6 @@ def select(
     except (ScanInputError, StoreError, QueryError) as e:
         _fail(e)
     typer.echo(json.dumps(summary))
-
-
-_fixed = [p for p in inspect.signature(select).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-select.__signature__ = inspect.Signature(_fixed + _config_options(ScanConfig))
-app.command()(select)
 
 
 def _ids(text: str | None, name: str) -> list[int] | None:
