@@ -26,11 +26,10 @@ import numpy as np
 import torch
 
 from bench import methods
-from bench.setting import SETTINGS, _filler, materialise
+from bench.setting import SETTINGS, _filler, add_dir_args, materialise
 from stride.ngrams import NgramIndex, check_item, for_store
 from stride.scan import ContaminationConfig, ScanConfig
 
-HERE = Path(__file__).resolve().parent
 GROUPS = ("verbatim", "paraphrase", "absent")
 VARIANTS = ("the line itself", "inside a longer page", "re-cased, re-punctuated")  # bench.harder._planted_variants
 
@@ -44,9 +43,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--overlap", type=float, default=0.5)
     ap.add_argument("--visits", type=int, default=None, help="build override (fewer visits: a faster build)")
     ap.add_argument("--scale", type=int, default=100_000, help="documents of the synthetic index-scale measurement")
-    ap.add_argument("--work", type=Path, default=HERE / "work")
-    ap.add_argument("--out", type=Path, default=HERE / "results")
-    ap.add_argument("--threads", type=int, default=1)
+    add_dir_args(ap, cache=False)
     return ap.parse_args(argv)
 
 

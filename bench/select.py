@@ -13,18 +13,16 @@ import argparse
 import json
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from bench import methods
 from bench.removal import retrain
-from bench.setting import SETTINGS, materialise
+from bench.setting import SETTINGS, add_dir_args, materialise
 from stride.result import Query
 from stride.scan import aggregate, select_indices
 
-HERE = Path(__file__).resolve().parent
 MEASURES = ("target_support_kept", "target_loss", "target_top1", "other_loss", "other_top1", "finetune_s")
 
 
@@ -35,10 +33,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--targets", type=int, default=150, help="target queries (a random subset of the fact queries)")
     ap.add_argument("--seeds", default="0,1,2", help="seeds of the target subset and the random half (one "
                     "repetition each; the table gives mean ± sd over them)")
-    ap.add_argument("--work", type=Path, default=HERE / "work")
-    ap.add_argument("--cache", type=Path, default=HERE / "cache")
-    ap.add_argument("--out", type=Path, default=HERE / "results")
-    ap.add_argument("--threads", type=int, default=1)
+    add_dir_args(ap)
     return ap.parse_args(argv)
 
 

@@ -35,6 +35,18 @@ HELDOUT_TEMPLATES = {  # phrasings no training document uses
 }
 
 
+BENCH = Path(__file__).resolve().parent
+
+
+def add_dir_args(ap, cache: bool = True) -> None:
+    """``--work``, ``--cache``, ``--out`` and ``--threads`` as every benchmark script names them."""
+    ap.add_argument("--work", type=Path, default=BENCH / "work", help="the settings' models and stores")
+    if cache:
+        ap.add_argument("--cache", type=Path, default=BENCH / "cache", help="ground truth and retrain cache")
+    ap.add_argument("--out", type=Path, default=BENCH / "results", help="results directory")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 on a shared 2-core machine)")
+
+
 @dataclass
 class Setting:
     """Everything that determines the reference setting and its ground truth (hashed for the cache)."""

@@ -33,10 +33,9 @@ import torch
 
 from bench import methods
 from bench.measure import lds_split, planted_recall
-from bench.setting import SETTINGS, materialise
+from bench.setting import SETTINGS, add_dir_args, materialise
 from stride.config import Query
 
-HERE = Path(__file__).resolve().parent
 ADDED_SHARE = 0.2
 REMOVED_FACTS = 20
 
@@ -110,10 +109,7 @@ def main(argv: list[str] | None = None) -> None:
                     "build's sources changed since they were built (same settings and corpus; times from manifests)")
     ap.add_argument("--quick", action="store_true", help="the setting's small version (smoke runs)")
     ap.add_argument("--build-steps", type=int, default=None, help="override the builds' steps (smoke runs only)")
-    ap.add_argument("--out", type=Path, default=HERE / "results")
-    ap.add_argument("--cache", type=Path, default=HERE / "cache")
-    ap.add_argument("--work", type=Path, default=HERE / "work")
-    ap.add_argument("--threads", type=int, default=1)
+    add_dir_args(ap)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from stride.update import UpdateConfig

@@ -22,7 +22,6 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,10 +30,9 @@ from scipy.stats import spearmanr
 from bench import methods
 from bench.groundtruth import ground_truth
 from bench.measure import lds_split, planted_recall
-from bench.setting import SETTINGS, materialise
+from bench.setting import SETTINGS, add_dir_args, materialise
 from stride.config import Query, SolverConfig
 
-HERE = Path(__file__).resolve().parent
 # build-step variants: BuildConfig overrides of the default mode (README: defaults table)
 BUILDS = {
     "default": {},
@@ -82,10 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--builds", default="default,slow", help=f"build variants, from {','.join(BUILDS)}; "
                     "NAME:S runs that one over S seeds instead of --seeds")
     ap.add_argument("--measures", default=",".join(MEASURES), help=f"from {','.join(MEASURES)} ('' to skip)")
-    ap.add_argument("--out", type=Path, default=HERE / "results")
-    ap.add_argument("--cache", type=Path, default=HERE / "cache")
-    ap.add_argument("--work", type=Path, default=HERE / "work")
-    ap.add_argument("--threads", type=int, default=1)
+    add_dir_args(ap)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     builds = dict((b.split(":")[0], int(b.split(":")[1]) if ":" in b else args.seeds)
