@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
         target = sorted(rng.choice(facts, size=min(args.targets, len(facts)), replace=False).tolist())
         other = sorted(set(facts) - set(target))
         tq = [queries[i] for i in target]
-        w, _, _ = attributor.score_matrix([Query(q["prompt"], q["completion"]) for q in tq])
+        w, _, _ = attributor.score_matrix([Query(q["prompt"], q["completion"]) for q in tq], ablation=False)
         picks = {"STRIDE (default build, seed 0)": select_indices(aggregate(w), args.keep),
                  "BM25 (same aggregation)": select_indices(aggregate(methods.run_bm25(docs, tq, []).scores), args.keep),
                  "Random half": np.sort(rng.choice(n, size=max(1, round(args.keep * n)), replace=False)),

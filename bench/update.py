@@ -78,7 +78,7 @@ def scores_by_doc(store: Path, queries: list[Query], doc_row: dict[str, int], n:
     from stride.query import Attributor
 
     attr = Attributor.from_store(store)
-    w, _, diag = attr.score_matrix(queries)
+    w, _, diag = attr.score_matrix(queries, ablation=False)
     cols = torch.tensor([doc_row[rid] for rid in attr.store.corpus.ids])
     out = torch.zeros(len(queries), n)
     out[:, cols] = w

@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
             t = time.perf_counter()
             store, secs, reused = methods.build_or_reuse(mode, seed, built, built.dir, BUILDS[name] or None,
                                                          rebuild=False, tag="" if name == "default" else name)
-            w, _, diag = Attributor.from_store(store).score_matrix(queries)
+            w, _, diag = Attributor.from_store(store).score_matrix(queries, ablation=False)
             per_seed.append({"seed": seed, "build_s": secs, "reused": reused, "load_avg": list(os.getloadavg()),
                              "steps": json.loads((store / "manifest.json").read_text())["config"]["steps"],
                              **quality(w, gt, setting, support), **diag})
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
         for name in measures:
             attr = Attributor(base.store, base.lm, SolverConfig(**MEASURES[name]))
             t = time.perf_counter()
-            scores[name] = attr.score_matrix(queries)[0]
+            scores[name] = attr.score_matrix(queries, ablation=False)[0]
             out["measures"][name] = {"overrides": MEASURES[name], "seconds": time.perf_counter() - t,
                                      **quality(scores[name], gt, setting, support)}
         ref = scores.get("exact")

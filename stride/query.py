@@ -229,30 +229,33 @@ class Attributor:
         return solve(self.design, Y, self.solver.lam_ratio, self.solver.max_iter, self.solver.tol)
 
     @torch.no_grad()
-    def score_matrix(self, queries: list[Query], chunk: int = 32) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        """Every example's score for every query, for benchmarks that need whole vectors.
+    def score_matrix(self, queries: list[Query], chunk: int = 32,
+                     ablation: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+        """Every example's score for every query, for benchmarks and scans that need whole vectors.
 
         Returns w (Q, n) float32 on the CPU, the no-solve ablation scores M_c^T y_c (Q, n) (the same
-        signed measurements, no sparse recovery), and diagnostics: converged_share, mean_nonzeros,
-        max_iterations. O(Q n) memory; the service never calls it.
+        signed measurements, no sparse recovery; None with ``ablation=False``, which skips its pass
+        over the design), and diagnostics: converged_share, mean_nonzeros, max_iterations. O(Q n)
+        memory; the service never calls it.
         """
         ws, raw, conv, nnz, iters = [], [], [], [], []
         for s in range(0, len(queries), chunk):
             _, Y, _, _ = self._measure([self.prepare(q)[0] for q in queries[s : s + chunk]])
             sol = self._solve(Y)
             ws.append(sol.dense(torch.float32).T)
-            Yd = Y.detach().cpu().double()
-            raw.append(self.design.rmatvec(Yd - Yd.mean(0)).T.float())
+            if ablation:
+                Yd = Y.detach().cpu().double()
+                raw.append(self.design.rmatvec(Yd - Yd.mean(0)).T.float())
             conv.append(sol.converged.float())
             nnz.append(sol.nonzeros().float())
             iters.append(int(sol.epochs.max()) if len(sol.epochs) else 0)
         if not ws:
             empty = torch.zeros(0, self.num_examples)
-            return empty, empty.clone(), {"converged_share": float("nan"), "mean_nonzeros": float("nan"),
-                                          "max_iterations": 0}
+            return empty, empty.clone() if ablation else None, {
+                "converged_share": float("nan"), "mean_nonzeros": float("nan"), "max_iterations": 0}
         diag = {"converged_share": float(torch.cat(conv).mean()), "mean_nonzeros": float(torch.cat(nnz).mean()),
                 "max_iterations": int(max(iters))}
-        return torch.cat(ws), torch.cat(raw), diag
+        return torch.cat(ws), torch.cat(raw) if ablation else None, diag
 
     def _scored(self, items: list[tuple[int, float]], include_text: bool) -> list[Scored]:
         corpus = self.store.corpus

@@ -83,6 +83,9 @@ def test_leave_out_stores_flip_the_measurements(Y, monkeypatch) -> None:
     assert w_add.shape == raw_add.shape == (4, N) and w_add.dtype == torch.float32
     torch.testing.assert_close(w_out, -w_add)  # the Lasso is odd in y
     torch.testing.assert_close(raw_out, -raw_add)
+    w_only, no_raw, _ = add.score_matrix(_queries(0, 1, 2, 3), chunk=3, ablation=False)  # what scans call
+    assert no_raw is None
+    torch.testing.assert_close(w_only, w_add)
     assert diag["converged_share"] == 1.0 and diag["mean_nonzeros"] > 0 and diag["max_iterations"] > 0
     # the scores are the solver's on the signed measurements
     sol = solve(add.design, Y, add.solver.lam_ratio, add.solver.max_iter, add.solver.tol)

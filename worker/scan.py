@@ -95,7 +95,7 @@ def scan(attributor, queries_path: str | Path, out: str | Path, cfg: ScanConfig 
     with bar_cm as bar:
         while done < len(queries):
             part = queries[done : done + cfg.chunk]
-            w, _, _ = attributor.score_matrix(part, chunk=cfg.chunk)
+            w, _, _ = attributor.score_matrix(part, chunk=cfg.chunk, ablation=False)
             acc.add(w)
             lines = []
             for row, qid in zip(w.numpy(), ids[done : done + len(part)], strict=True):
@@ -276,7 +276,7 @@ def select(attributor, target_path: str | Path, keep: float, out_path: str | Pat
     with reporter("select", len(queries), 0, "queries", show_progress) as bar:
         for s in range(0, len(queries), cfg.chunk):
             part = queries[s : s + cfg.chunk]
-            acc.add(attributor.score_matrix(part, chunk=cfg.chunk)[0])
+            acc.add(attributor.score_matrix(part, chunk=cfg.chunk, ablation=False)[0])
             bar.advance(len(part))
     kept, net = select_indices(acc, keep), acc.positive + acc.negative
     corpus, out_path = attributor.store.corpus, Path(out_path)
