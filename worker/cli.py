@@ -71,6 +71,12 @@ def _given(options: dict) -> dict:
     return {k: v for k, v in options.items() if v is not None}
 
 
+def _config(cls, options: dict):
+    """``cls`` from its own fields among the options given (a command may take several configs)."""
+    given = _given(options)
+    return cls(**{f.name: given[f.name] for f in dataclasses.fields(cls) if f.name in given})
+
+
 @_command(BuildConfig)
 def build(
     model: Path = typer.Option(..., help="Hugging Face causal-LM directory (local)."),
@@ -124,7 +130,7 @@ def update(
 
     _logging()
     try:
-        path = run_update(store, out, add=add, remove=remove, config=UpdateConfig(**_given(options)), model=model,
+        path = run_update(store, out, add=add, remove=remove, config=_config(UpdateConfig, options), model=model,
                           device=device, show_progress=not quiet)
     except (UpdateError, CorpusError, StoreError, FileNotFoundError) as e:
         _fail(e)
@@ -152,11 +158,8 @@ def scan(
     _logging()
     try:
         attributor = Attributor.from_store(store, device=device, model=model)
-        given = _given(options)
-        checks = {f.name for f in dataclasses.fields(ContaminationConfig)}
-        summary = run_scan(attributor, queries, out, ScanConfig(**{k: v for k, v in given.items() if k not in checks}),
-                           show_progress=not quiet,
-                           contamination=ContaminationConfig(**{k: v for k, v in given.items() if k in checks}))
+        summary = run_scan(attributor, queries, out, _config(ScanConfig, options), show_progress=not quiet,
+                           contamination=_config(ContaminationConfig, options))
     except (ScanInputError, StoreError, QueryError) as e:
         _fail(e)
     typer.echo(json.dumps(summary))
@@ -183,7 +186,7 @@ def select(
     _logging()
     try:
         attributor = Attributor.from_store(store, device=device, model=model)
-        summary = run_select(attributor, target, keep, out, ScanConfig(**_given(options)), show_progress=not quiet)
+        summary = run_select(attributor, target, keep, out, _config(ScanConfig, options), show_progress=not quiet)
     except (ScanInputError, StoreError, QueryError) as e:
         _fail(e)
     typer.echo(json.dumps(summary))
