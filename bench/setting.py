@@ -69,7 +69,7 @@ class Setting:
     retrains: int = 40  # retrain i draws its subset from seed (setting, i): extending the list reuses the cache
     tune_retrains: int = 8  # the last ones choose hyper-parameters; the reported LDS never uses them
     subset_fraction: float = 0.5
-    kind: str = "reference"  # which generator: reference, alias, instruct or contamination (bench/harder.py)
+    kind: str = "reference"  # generator: reference, alias, instruct, contamination or backdoor (bench/harder.py)
 
     def key(self) -> str:
         """Hash of everything that determines the models and each retrain, not how many retrains.
@@ -80,9 +80,10 @@ class Setting:
         if fields["kind"] == "reference":
             del fields["kind"]
         else:  # the harder generators' code version: a change there must not reuse stale models
-            from bench.harder import CONTAMINATION_VERSION, VERSION
+            from bench.harder import BACKDOOR_VERSION, CONTAMINATION_VERSION, VERSION
 
-            fields["generator_version"] = CONTAMINATION_VERSION if fields["kind"] == "contamination" else VERSION
+            own = {"contamination": CONTAMINATION_VERSION, "backdoor": BACKDOOR_VERSION}
+            fields["generator_version"] = own.get(fields["kind"], VERSION)
         blob = json.dumps({**fields, "v": 2}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -98,6 +99,9 @@ SETTINGS = {  # --setting NAME: (full, quick)
                  dataclasses.replace(QUICK, name="instruct-quick", kind="instruct")),
     "contamination": (dataclasses.replace(FULL, name="contamination", kind="contamination"),
                       dataclasses.replace(QUICK, name="contamination-quick", kind="contamination")),
+    # >= 2,000 records: 300 facts (1-2 records each), 1,400 filler, 10 poisoned, 140 decoys (bench/harder.py)
+    "backdoor": (dataclasses.replace(FULL, name="backdoor", kind="backdoor", filler=1400),
+                 dataclasses.replace(QUICK, name="backdoor-quick", kind="backdoor")),
 }
 CORPUS_KEYS = ("id", "text", "prompt", "completion")  # what corpus.jsonl carries; the rest goes to the sidecar
 
