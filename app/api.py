@@ -51,6 +51,7 @@ def problem_docs(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 
 v1 = APIRouter(prefix="/v1")
+QUEUED_PATHS = frozenset({"/v1/attribute", "/v1/attribute/batch"})  # what waits for the model (shed at the door)
 probes = APIRouter(tags=["service"])
 
 

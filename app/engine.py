@@ -77,10 +77,15 @@ class Engine:
         self.warm = True
 
     async def warm_up(self) -> None:
-        """One real query through the same thread and code path, so the first user pays no compile/alloc."""
+        """Real queries through the same thread and code path: one so the first user pays no
+        compile/alloc (not measured), then one and a full batch, which give the load shedding its
+        batch-time estimate at both ends (app.batcher.BatchCost)."""
         ids = self.attributor.lm.tokenizer(self.attributor.example(0).text)["input_ids"]
         ids = (ids * 2)[: max(2, min(len(ids), self.attributor.window))]  # fits the window, two tokens at least
         await self.batcher.run_now([Query(prompt_ids=ids)], 1, False)
+        short = Query(prompt_ids=ids[:16])  # a question-sized query: a full window would overcharge them
+        for n in (1, self.batcher.max_batch):
+            await self.batcher.run_now([short] * n, 1, False)
 
     async def stop(self) -> None:
         await self.batcher.stop()
@@ -100,7 +105,8 @@ class Engine:
     async def attribute(self, req: AttributeRequest, timeout: float) -> tuple[bytes, bool]:
         """(payload JSON without request id, cached). Raises the batcher's errors and QueryError."""
         loop = asyncio.get_running_loop()
-        deadline = (arrival_var.get() or loop.time()) + timeout  # from the request's arrival
+        arrived = arrival_var.get() or loop.time()
+        deadline = arrived + timeout  # from the request's arrival
         key = cache_key(self.settings.cache_namespace, req.normalised(), self.fingerprint)
         if self.cache is not None:
             hit = await self.cache.get(key)
@@ -108,8 +114,9 @@ class Engine:
                 return hit, True
 
         async def compute() -> bytes:
-            a = await self.batcher.submit(req.query(), req.top_k, req.include_text,
-                                          max(deadline - loop.time(), 1e-3))
+            now = loop.time()
+            a = await self.batcher.submit(req.query(), req.top_k, req.include_text, max(deadline - now, 1e-3),
+                                          waited=now - arrived)
             value = self.payload(a)
             if self.cache is not None:
                 await self.cache.set(key, value)

@@ -8,6 +8,7 @@ raise or propagate them and never translate status codes themselves.
 from __future__ import annotations
 
 import logging
+import math
 from http import HTTPStatus
 from typing import Any
 
@@ -49,8 +50,9 @@ def problem_for(exc: Exception, retry_after_s: int) -> Problem | None:
     retry = {"Retry-After": str(retry_after_s)}
     if isinstance(exc, Problem):
         return exc
-    if isinstance(exc, Overloaded):
-        return Problem(503, f"overloaded: {exc}", headers=retry, slug="overloaded")
+    if isinstance(exc, Overloaded):  # come back once the work ahead is done, not into the same queue
+        later = {"Retry-After": str(max(retry_after_s, math.ceil(exc.ahead_s)))}
+        return Problem(503, f"overloaded: {exc}", headers=later, slug="overloaded")
     if isinstance(exc, NotReady | Stopped):
         return Problem(503, str(exc), headers=retry)
     if isinstance(exc, DeadlineExceeded):

@@ -19,7 +19,7 @@ from app.admin import PATHS as ADMIN_PATHS
 from app.admin import router as admin_router
 from app.engine import Engine
 from app.logs import setup_logging
-from app.middleware import OPEN_PATHS, ApiKeyAuth, BodyLimit, InflightLimit, RequestContext
+from app.middleware import OPEN_PATHS, Admission, ApiKeyAuth, BodyLimit, InflightLimit, RequestContext
 from app.reload import Reloader
 from app.settings import Settings
 from stride.query import Attributor
@@ -71,6 +71,7 @@ def create_app(settings: Settings | None = None, attributor: Attributor | None =
     # and the key is checked before any body is buffered
     open_paths = OPEN_PATHS if settings.metrics_need_key else OPEN_PATHS | {"/metrics"}
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
+    app.add_middleware(Admission, paths=api.QUEUED_PATHS, retry_after_s=settings.retry_after_s)  # sheds unread
     # admin routes check their own keys (app/admin.py): a query key gets 403 there
     app.add_middleware(ApiKeyAuth, keys=settings.keys(), open_paths=open_paths | ADMIN_PATHS)
     app.add_middleware(InflightLimit, max_inflight=settings.max_inflight, retry_after_s=settings.retry_after_s)

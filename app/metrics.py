@@ -26,8 +26,10 @@ BATCH_SECONDS = Histogram("stride_batch_duration_seconds", "Model work per batch
 SOLVER_ITERATIONS = Histogram("stride_solver_iterations", "Coordinate-descent epochs of each query's Lasso solve.",
                               registry=REGISTRY, buckets=(10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000))
 QUEUE_DEPTH = Gauge("stride_queue_depth", "Queries waiting for a batch.", registry=REGISTRY)
-REJECTED = Counter("stride_rejected_total", "Queries and requests refused: queue_full, shed (predicted wait over the "
-                   "limit), expired (dropped before computing), deadline (no answer in time), inflight (requests).",
+REJECTED = Counter("stride_rejected_total", "Queries and requests refused: door (at admission, before the body is "
+                   "read: backlog and admitted work over the limit), queue_full, shed (at the queue: predicted wait "
+                   "over the limit), expired (dropped before computing), deadline (no answer in time), inflight "
+                   "(requests).",
                    ["reason"], registry=REGISTRY)
 READY = Gauge("stride_ready", "1 once the model and store are loaded and warmed up.", registry=REGISTRY)
 STORE_RELOADS = Counter("stride_store_reloads_total", "Hot reloads of the store: ok, unchanged (same version), "

@@ -19,8 +19,9 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import metrics
+from app.batcher import Overloaded
 from app.context import arrival_var, request_id_var
-from app.errors import problem_body
+from app.errors import problem_body, problem_for
 
 log = logging.getLogger("stride.app.access")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -39,8 +40,8 @@ def is_open(path: str, open_paths: frozenset[str] = OPEN_PATHS) -> bool:
 
 
 async def send_problem(send: Send, status: int, detail: str, path: str,
-                       headers: dict[str, str] | None = None) -> None:
-    body = json.dumps(problem_body(status, detail, path)).encode()
+                       headers: dict[str, str] | None = None, slug: str | None = None) -> None:
+    body = json.dumps(problem_body(status, detail, path, slug)).encode()
     raw = [(b"content-type", b"application/problem+json"), (b"content-length", str(len(body)).encode())]
     raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})
@@ -120,6 +121,65 @@ class InflightLimit:
             await self.app(scope, receive, send)
         finally:
             self.inflight -= 1
+
+
+class LoopLag:
+    """How late the event loop runs a timer due every ``every`` s: the time a request arriving now
+    waits behind the work already on the loop. Read live (a tick overdue counts from its due time),
+    so it can never stay high once the loop has drained."""
+
+    def __init__(self, every: float = 0.02):
+        self.every, self.lag, self._due = every, 0.0, None
+
+    def now(self) -> float:
+        loop = asyncio.get_running_loop()
+        if self._due is None:
+            self._due = loop.time() + self.every
+            loop.call_at(self._due, self._tick, loop)
+        return max(self.lag, loop.time() - self._due)
+
+    def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.lag = max(0.0, loop.time() - self._due)
+        self._due = loop.time() + self.every
+        loop.call_at(self._due, self._tick, loop)
+
+
+class Admission:
+    """503 + Retry-After for a request to ``paths`` (the ones that wait for the model) when the event
+    loop's backlog plus the model work of the requests already admitted (at the batcher's measured
+    seconds per query) is over ``max_queue_wait_s``, decided before the body is read.
+
+    Measured at 512 clients (bench/results/load.md): refused only at the batcher, after parsing,
+    validation, tokenisation and a Redis lookup, a shed request cost the event loop about as much
+    as an answer (refusals took 0.4-0.8 s, p50) and the answered rate fell from 107 to 31-55 req/s.
+    Counting requests from the door, not from the batcher's queue, matters: a burst all passes a
+    door that only looks at the queue before any of it reaches the queue. A cached answer is refused
+    too while this holds: telling it apart needs the body."""
+
+    def __init__(self, app: ASGIApp, paths: frozenset[str], retry_after_s: int):
+        self.app, self.paths, self.retry_after = app, paths, retry_after_s
+        self.lag = LoopLag()
+        self.admitted = 0  # past the door, not yet answered
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        engine = getattr(scope["app"].state, "engine", None) if scope["type"] == "http" else None
+        if engine is None or scope["path"] not in self.paths or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        batcher = engine.batcher
+        lag, ahead = self.lag.now(), batcher.cost.seconds(self.admitted)
+        if lag + ahead > batcher.max_queue_wait:
+            metrics.REJECTED.labels("door").inc()
+            p = problem_for(Overloaded(f"the requests ahead would take about {lag + ahead:.2f} s "
+                                       f"({self.admitted} admitted, the event loop {lag:.2f} s behind); "
+                                       f"{batcher.max_queue_wait:.2f} s allowed", lag + ahead), self.retry_after)
+            await send_problem(send, p.status, p.detail, scope["path"], p.headers, p.slug)
+            return
+        self.admitted += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.admitted -= 1
 
 
 class BodyLimit:

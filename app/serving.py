@@ -15,6 +15,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from app.errors import PROBLEM, problem_body
 from app.settings import Settings
+from stride.query import serving_model
 from stride.store import load_store
 
 
@@ -25,15 +26,19 @@ class ConfigError(Exception):
 def preflight(settings: Settings) -> None:
     """Fail before the model loads, naming the setting or file, what would otherwise fail after it
     (or as a traceback in the lifespan): the store (its manifest and, with ``verify_store``, every
-    file's sha256: the lifespan reads it again, 0.45 s of hashing at n = 10^7) and the model directory.
+    file's sha256: the lifespan reads it again, 0.45 s of hashing at n = 10^7), the model directory and
+    its weights' sha256.
     ``Settings()`` itself has already checked the Redis URL. Raises ConfigError or StoreError."""
     if settings.store is None:
         raise ConfigError("STRIDE_STORE is not set (or run `stride serve --store DIR`)")
     if not settings.store.is_dir():
         raise ConfigError(f"STRIDE_STORE={settings.store}: no such directory")
-    load_store(settings.store, verify=settings.verify_store)  # StoreError naming the file and the field
+    store = load_store(settings.store, verify=settings.verify_store)  # StoreError naming the file and the field
     if settings.model is not None and not (settings.model / "config.json").is_file():
         raise ConfigError(f"STRIDE_MODEL={settings.model}: no config.json there (a Hugging Face model directory)")
+    # the weights the store was built from (a mismatch used to surface as a traceback from the
+    # lifespan); memoised, so the app's own check as it loads costs nothing more
+    serving_model(store, settings.model, settings.verify_store)
 
 
 def log_config(level: str) -> dict[str, Any]:

@@ -48,8 +48,10 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(30.0, gt=0, description="Deadline per request from its arrival, queueing "
                                      "included; past it, 504.")
     retry_after_s: int = Field(1, ge=1)
-    max_queue_wait_s: float = Field(2.0, gt=0, description="Shed a query (503 + Retry-After) when the queue ahead "
-                                    "of it is predicted to take longer than this, instead of letting latency grow.")
+    max_queue_wait_s: float = Field(1.0, gt=0, description="Shed a request (503 + Retry-After, before its body is "
+                                    "read) when the event loop's backlog plus the model work of the requests "
+                                    "already admitted would take longer than this: answered latency stays near "
+                                    "this plus one batch however many clients come (bench/results/load.md).")
     max_inflight: int = Field(512, ge=1, description="HTTP requests in progress (probes and /metrics excepted) "
                               "beyond which new ones get 503 + Retry-After.")
     body_timeout_s: float = Field(10.0, gt=0, description="Time to receive a whole request body; a slower or "

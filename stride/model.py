@@ -7,6 +7,7 @@ norm, which the unembedding maps to logits.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,13 +42,20 @@ def pick_device(device: str | None = None) -> torch.device:
 
 def weights_sha256(model_dir: str | Path) -> str:
     """One digest over the model's weight files (name and content), in name order."""
-    h = hashlib.sha256()
     files = sorted(p for p in Path(model_dir).iterdir() if p.suffix in WEIGHT_SUFFIXES)
     if not files:
         raise FileNotFoundError(f"{model_dir}: no weight files ({', '.join(WEIGHT_SUFFIXES)})")
-    for p in files:
-        h.update(p.name.encode())
-        with open(p, "rb") as f:
+    return _digest(tuple((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+
+
+@functools.lru_cache(maxsize=8)
+def _digest(files: tuple[tuple[str, int, int], ...]) -> str:
+    """Memoised on each file's path, size and modification time: ``stride serve`` checks the weights
+    before anything loads and the app again as it loads them (seconds per GB each)."""
+    h = hashlib.sha256()
+    for path, _, _ in files:
+        h.update(Path(path).name.encode())
+        with open(path, "rb") as f:
             while block := f.read(1 << 20):
                 h.update(block)
     return h.hexdigest()

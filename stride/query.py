@@ -34,6 +34,17 @@ from stride.store import Store, StoreError, load_store
 UNKNOWN_SHARE = 0.5  # above this share of [UNK] tokens (or any scored one) a query is text the model never saw
 
 
+def serving_model(store: Store, model: str | Path | None = None, verify: bool = True) -> Path:
+    """The model directory to answer with: ``model``, or the one the store was built from, checked to
+    exist and (``verify``) to hold the weights the store was built from. Raises StoreError."""
+    model_dir = Path(model or store.manifest["model"]["path"])
+    if not model_dir.is_dir():
+        raise StoreError(f"{model_dir}: the store's model directory is missing (pass model=...)")
+    if verify and weights_sha256(model_dir) != store.manifest["model"]["sha256"]:
+        raise StoreError(f"{model_dir}: weights differ from those the store {store.path} was built from")
+    return model_dir
+
+
 class Attributor:
     def __init__(self, store: Store, lm: LM, solver: SolverConfig | None = None):
         self.store, self.lm = store, lm
@@ -53,12 +64,7 @@ class Attributor:
     ) -> Attributor:
         """Load the store and the model it was built from (or ``model``, if it has the same weights)."""
         store = load_store(path, verify=verify)
-        model_dir = Path(model or store.manifest["model"]["path"])
-        if not model_dir.is_dir():
-            raise StoreError(f"{model_dir}: the store's model directory is missing (pass model=...)")
-        want = store.manifest["model"]["sha256"]
-        if verify and weights_sha256(model_dir) != want:
-            raise StoreError(f"{model_dir}: weights differ from those the store {path} was built from")
+        model_dir = serving_model(store, model, verify)
         lm = LM.load(model_dir, pick_device(device), store.config.max_length)
         if lm.hidden_size != store.operators.A.shape[2]:
             width = store.operators.A.shape[2]

@@ -112,7 +112,7 @@ def test_async_client(server: str, facts: list[dict[str, str]], prompt_ids) -> N
 
 
 def test_retries_honour_retry_after(monkeypatch: pytest.MonkeyPatch) -> None:
-    """503 twice (Retry-After 2, then none), then 200: three calls, waits of 2 s and the backoff."""
+    """503 twice (Retry-After 2, then none), then 200: three calls, waits of 2 s and the backoff, jittered."""
     calls: list[int] = []
     slept: list[float] = []
 
@@ -125,10 +125,11 @@ def test_retries_honour_retry_after(monkeypatch: pytest.MonkeyPatch) -> None:
         return httpx.Response(200, json={"limits": {"max_batch_queries": 7}})
 
     monkeypatch.setattr("stride.client.time.sleep", slept.append)
+    monkeypatch.setattr(Client, "jitter", staticmethod(lambda: 1.25))
     client = Client("http://stride.test", retries=3, backoff=0.25)
     client._http = httpx.Client(base_url="http://stride.test", transport=httpx.MockTransport(handler))
     assert client.max_batch_queries() == 7
-    assert len(calls) == 3 and slept == [2.0, 0.5]
+    assert len(calls) == 3 and slept == [2.5, 0.625]  # Retry-After and backoff, times the jitter
 
     calls.clear()
     client.retries = 1

@@ -79,16 +79,91 @@ def test_predicted_wait_sheds_with_overloaded_at_once(opaque_results) -> None:
     async def go() -> None:
         b = MicroBatcher(SlowModel(0.1), max_batch=1, max_wait_ms=0, queue_max=1000)
         b.start()
-        await b.run_now([Query("x")], 1, False)  # measures the batch time, as the warm-up does
-        b.max_queue_wait = 3.5 * b.batch_s  # room for 3 one-query batches, whatever the machine's load
+        for _ in range(2):  # the first computation is not measured; the second is
+            await b.submit(Query("x"), 1, False, 30)
+        b.max_queue_wait = 2.5 * b.cost.seconds(1)  # room for 2 queries ahead, whatever the machine's load
         tasks = [asyncio.create_task(b.submit(Query("q"), 1, False, 30)) for _ in range(10)]
         results = await asyncio.gather(*tasks, return_exceptions=True)
         await b.stop()
         shed = [r for r in results if isinstance(r, Overloaded)]
         served = [r for r in results if not isinstance(r, BaseException)]
-        # the 4th in line would wait 4 batch times, over the 3.5 allowed: 3 are queued and 7 shed at once
+        # the 4th in line would wait for 3 queries, over the 2.5 allowed: 3 are queued and 7 shed at once
         assert len(served) == 3 and len(shed) == 7, results
         assert "would take about" in str(shed[0])
+
+    asyncio.run(go())
+
+
+def test_batch_cost_charges_a_burst_as_batches_not_as_lone_queries() -> None:
+    """Lone queries at 30 ms and batches of 32 at 300 ms: a fixed 21 ms a batch and 8.7 ms a query, so
+    64 queued queries are two batches (0.6 s), not 64 lone ones (1.9 s); the first computation is
+    never measured; with one end known each query is charged at that end's rate."""
+    from app.batcher import BatchCost
+
+    c = BatchCost(max_batch=32)
+    c.observe(40.0, 1)  # the first: a compiling solver
+    assert c.seconds(5) == 0.0
+    c.observe(0.03, 1)
+    assert c.seconds(10) == pytest.approx(0.3)  # one end: 30 ms each
+    c.observe(0.3, 32)
+    fixed, per = c.terms()
+    assert fixed == pytest.approx(0.03 - 0.27 / 31) and per == pytest.approx(0.27 / 31)
+    assert c.seconds(32) == pytest.approx(0.3) and c.seconds(64) == pytest.approx(0.6)
+    c.observe(0.02, 5)  # mid-sized batches inform neither end
+    assert c.seconds(64) == pytest.approx(0.6)
+
+
+def test_time_already_waited_counts_but_an_idle_model_never_sheds(opaque_results) -> None:
+    """A request that spent its budget before reaching the batcher (the event loop's backlog) is
+    shed when model work is ahead of it; with nothing ahead it is computed, even under an inflated
+    estimate."""
+
+    async def go() -> None:
+        b = MicroBatcher(SlowModel(0.3), max_batch=1, max_wait_ms=0, queue_max=1000, max_queue_wait_s=1.0)
+        b.start()
+        b.cost.small = (1, 10.0)  # inflated: a lone client is still served
+        assert await b.submit(Query("a"), 1, False, 30, waited=5.0) is not None
+        b.cost.small = (1, 0.1)
+        first = asyncio.create_task(b.submit(Query("b"), 1, False, 30))
+        for _ in range(3):
+            await asyncio.sleep(0)  # b is queued or running: 0.1 s of work ahead
+        with pytest.raises(Overloaded, match="after 0.95 s waited"):
+            await b.submit(Query("c"), 1, False, 30, waited=0.95)
+        assert await b.submit(Query("d"), 1, False, 30, waited=0.5) is not None  # within the budget
+        await first
+        await b.stop()
+
+    asyncio.run(go())
+
+
+class CompilesFirst(SlowModel):
+    """Its first call takes ``first`` seconds (a solver compiling), later ones ``seconds``."""
+
+    def __init__(self, first: float, seconds: float) -> None:
+        super().__init__(seconds)
+        self.first = first
+
+    def __call__(self, queries: list[Query], top_k: int, include_text: bool) -> list[Any]:
+        if self.first:
+            time.sleep(self.first)
+            self.first = 0.0
+        return super().__call__(queries, top_k, include_text)
+
+
+@pytest.mark.parametrize("warmup", [True, False])
+def test_the_first_computation_does_not_set_the_estimate(opaque_results, warmup: bool) -> None:
+    """A compiling first call (warm-up, or the first batch without one) would make the estimate tens
+    of times too high, and every query look late: it is not measured."""
+
+    async def go() -> None:
+        b = MicroBatcher(CompilesFirst(1.0, 0.02), max_batch=1, max_wait_ms=0, queue_max=1000)
+        b.start()
+        if warmup:
+            await b.run_now([Query("w")], 1, False)
+        for _ in range(2 if warmup else 3):
+            await b.submit(Query("q"), 1, False, 30)
+        await b.stop()
+        assert 0 < b.cost.seconds(1) < 0.5, b.cost.small
 
     asyncio.run(go())
 
@@ -114,6 +189,53 @@ def test_inflight_limit_sheds_but_never_the_probes() -> None:
             assert (await c.get("/healthz")).status_code == 200
             gate.set()
             assert (await first).status_code == 200
+
+    asyncio.run(go())
+
+
+def test_admission_sheds_at_the_door_before_the_body_is_read() -> None:
+    """Requests past the door count as model work at the measured seconds per query: past the
+    allowance a POST /v1/attribute is refused before its body is read (a late refusal cost as much
+    as an answer), with a Retry-After covering the work ahead; other routes pass, and so does
+    everything once the admitted requests are answered."""
+    from types import SimpleNamespace
+
+    from app.api import QUEUED_PATHS
+    from app.middleware import Admission
+
+    async def go() -> None:
+        gate = asyncio.Event()
+        reads = []
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            reads.append(await receive())
+            if scope["method"] == "POST":
+                await gate.wait()
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+        mw = Admission(app, QUEUED_PATHS, retry_after_s=1)
+        # measured, say: 0.5 s a query, 1 s allowed
+        batcher = SimpleNamespace(cost=SimpleNamespace(seconds=lambda k: 0.5 * k), max_queue_wait=1.0)
+        outer = SimpleNamespace(state=SimpleNamespace(engine=SimpleNamespace(batcher=batcher)))
+
+        async def entry(scope: Any, receive: Any, send: Any) -> None:
+            await mw({**scope, "app": outer}, receive, send)
+
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=entry), base_url="http://t") as c:
+            held = [asyncio.create_task(c.post("/v1/attribute", json={"prompt": "x"})) for _ in range(3)]
+            while mw.admitted < 3:  # 0, 0.5 and 1.0 s ahead of them: all within the 1 s
+                await asyncio.sleep(0.01)
+            n = len(reads)
+            r = await c.post("/v1/attribute", json={"prompt": "x"})  # 1.5 s ahead
+            assert r.status_code == 503 and r.headers["content-type"] == "application/problem+json"
+            assert int(r.headers["retry-after"]) >= 2, r.headers  # the work ahead, not the 1 s default
+            assert r.json()["type"].endswith("overloaded") and len(reads) == n  # refused unread
+            gate.set()
+            assert (await c.get("/v1/info")).status_code == 200
+            assert [x.status_code for x in await asyncio.gather(*held)] == [200] * 3
+            assert mw.admitted == 0
+            assert (await c.post("/v1/attribute", json={"prompt": "x"})).status_code == 200
 
     asyncio.run(go())
 
@@ -195,7 +317,14 @@ def test_keep_alive_outlasts_client_pools(live_server) -> None:
             if i:
                 time.sleep(6)
             s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert s.recv(65536).startswith(b"HTTP/1.1 200")
+            data = b""  # the whole response, head and body (they may come in two segments)
+            while b"\r\n\r\n" not in data:
+                data += s.recv(65536)
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = int(next(h.split(b":")[1] for h in head.lower().split(b"\r\n") if h.startswith(b"content-length")))
+            while len(body) < length:
+                body += s.recv(65536)
+            assert head.startswith(b"HTTP/1.1 200"), head
 
 
 def test_docs_are_local_open_and_declare_the_scheme(live_server) -> None:

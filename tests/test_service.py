@@ -333,7 +333,9 @@ def test_32_concurrent_equal_sequential(attributor: Attributor, demo_store: Path
     assert len(qs) == 32
 
     async def go() -> None:
-        async with serve(attributor, demo_store, batch_max_size=32, batch_max_wait_ms=50) as c:
+        # no shedding here (tests/test_hardening.py has it): on a loaded 2-core machine 32 queries can
+        # take over the default 1 s allowance, and this test is about coalescing
+        async with serve(attributor, demo_store, batch_max_size=32, batch_max_wait_ms=50, max_queue_wait_s=30) as c:
             sequential = []
             for q in qs:
                 r = await c.post("/v1/attribute", json=q)
@@ -342,7 +344,7 @@ def test_32_concurrent_equal_sequential(attributor: Attributor, demo_store: Path
             before = await scrape(c)
             rs = await asyncio.gather(*(c.post("/v1/attribute", json=q) for q in qs))
             after = await scrape(c)
-            assert [r.status_code for r in rs] == [200] * 32
+            assert [r.status_code for r in rs] == [200] * 32, [r.json()["detail"] for r in rs if r.status_code != 200]
             for r, s in zip(rs, sequential, strict=True):
                 same_answer(r.json(), s)
             batches = metric(after, "stride_batch_size_count") - metric(before, "stride_batch_size_count")

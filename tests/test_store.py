@@ -250,6 +250,11 @@ def test_a_different_model_is_refused(assets, tmp_path: Path) -> None:
     save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(StoreError, match="weights differ"):
         Attributor.from_store(assets["built"], device="cpu", model=other)
+    from app.serving import preflight
+    from app.settings import Settings
+
+    with pytest.raises(StoreError, match="weights differ"):  # `stride serve` refuses it before loading anything
+        preflight(Settings(_env_file=None, store=assets["built"], model=other))
     # a byte-identical copy (the model moved) is accepted
     same = shutil.copytree(assets["model"], tmp_path / "same")
     attributor = Attributor.from_store(assets["built"], device="cpu", model=same)
