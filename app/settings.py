@@ -75,9 +75,9 @@ class Settings(BaseSettings):
                                   "+ Retry-After.")
     jobs_max_queries: int = Field(10_000, ge=1, description="Queries in one scan job (413 beyond).")
     jobs_retry_after_s: int = Field(30, ge=1, description="Retry-After of a 429 (too many jobs) or a Redis outage.")
-    jobs_timeout_s: int = Field(24 * 3600, ge=1, description="Longest a scan job may run; also how long arq waits "
-                                "before running again a job whose worker was killed (kill -9; a SIGTERM "
-                                "re-queues it at once).")
+    jobs_timeout_s: int = Field(24 * 3600, ge=1, description="Longest a scan job may run (arq's lock on it; a "
+                                "worker killed outright stops its heartbeat, and its job is queued again "
+                                "15 s later; a SIGTERM re-queues it at once).")
     jobs_chunk: int = Field(32, ge=1, description="Queries per scan chunk: the granularity of progress, "
                             "cancellation and resume.")
 

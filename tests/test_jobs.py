@@ -259,6 +259,31 @@ def test_a_stopped_worker_requeues_its_job_and_the_next_one_resumes_it(stack) ->
     assert len(lines) == len(many)
 
 
+def test_a_killed_worker_s_job_is_resumed_by_the_next_worker_not_after_the_lock(stack) -> None:
+    """kill -9 mid-job: no shutdown hook runs, arq's lock on the job would hold it for
+    STRIDE_JOBS_TIMEOUT_S (24 h). The dead worker's heartbeat lapses (15 s), the next worker queues the
+    job again and resumes it from its last chunk."""
+    many = demo_queries(stack["store"], 120) * 5
+    with client(stack) as c:
+        job = c.post("/v1/jobs/scan", json={"queries": many}).json()["job_id"]
+        wait(c, job, lambda b: b["progress"]["done"] >= 2 * CHUNK)
+        stack["worker"].proc.kill()  # SIGKILL
+        stack["worker"].proc.wait(timeout=30)
+        assert c.get(f"/v1/jobs/{job}").json()["state"] == "running"  # as the dead worker left it
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("STRIDE_")}, **stack["env"],
+               "STRIDE_DEVICE": "cpu", "STRIDE_JOBS_CHUNK": str(CHUNK)}
+        t0 = time.monotonic()
+        stack["worker"] = JobWorker(stack["store"], env, stack["tmp"] / "worker3.log", stack["tmp"] / "jobs")
+        stack["worker"].wait_ready()
+        done = wait(c, job, lambda b: b["state"] not in ("queued", "running"))
+        took = time.monotonic() - t0
+    assert done["state"] == "complete" and done["progress"]["done"] == len(many), done
+    assert took < 600, took  # not arq's 24 h lock
+    assert "queued again to resume" in (stack["tmp"] / "worker3.log").read_text()
+    lines = (stack["tmp"] / "jobs" / job / "scan" / "queries.jsonl").read_text().splitlines()
+    assert len(lines) == len(many)  # resumed: every query's line once
+
+
 def test_job_state_survives_an_api_restart(stack) -> None:
     with client(stack) as c:
         job = c.post("/v1/jobs/scan", json={"queries": demo_queries(stack["store"], 4)}).json()

@@ -4,7 +4,9 @@ The API process only validates, enqueues and reads (``app/jobs.py``); the scan r
 separate process that loads the store once, so a long scan never holds the service's model thread.
 State lives in Redis (arq's queue plus one hash per job), so jobs outlive an API restart, and each
 job scans into its own directory under ``STRIDE_JOBS_DIR`` with ``worker.scan.scan``'s resumable
-state, so a job whose worker died continues where its last chunk ended once arq runs it again.
+state, so a job whose worker died continues where its last chunk ended once arq runs it again: at
+once after a SIGTERM, and 3 heartbeats (15 s) after a ``kill -9`` (``reclaim_orphans``), not after
+arq's lock lapses.
 
 Record ``{ns}:job:{id}`` (a hash): owner (sha256 of the API key), state (queued, running, complete,
 failed, cancelled), done/total queries, timestamps, error; ``cancel`` is set by DELETE on a running
@@ -78,6 +80,15 @@ def queue_name(ns: str) -> str:
     return f"{ns}:jobs:queue"
 
 
+def alive_key(ns: str, job_id: str) -> str:
+    """Refreshed every HEARTBEAT_S by the worker running the job; gone 3 beats after that worker died."""
+    return f"{ns}:job:{job_id}:alive"
+
+
+HEARTBEAT_S = 5.0
+ARQ_IN_PROGRESS = "arq:in-progress:"  # arq's lock on a job being run (arq.constants.in_progress_key_prefix)
+
+
 def owner_of(api_key: str | None) -> str:
     """Jobs belong to a key; the record keeps its sha256, never the key. No keys configured: one owner."""
     return "open" if api_key is None else hashlib.sha256(api_key.encode()).hexdigest()[:32]
@@ -148,9 +159,6 @@ async def scan_job(ctx: dict, job_id: str, top_k: int, queries_per_example: int)
     """One scan job. Returns a short summary (arq keeps it); the record and result list are what the API reads."""
     import threading
 
-    from worker.scan import ScanInputError
-    from worker.scan import scan as run_scan
-
     redis, s = ctx["redis"], ctx["settings"]
     ns, ttl = s.cache_namespace, s.jobs_result_ttl_s
     rec = await read_record(redis, ns, job_id)
@@ -159,26 +167,57 @@ async def scan_job(ctx: dict, job_id: str, top_k: int, queries_per_example: int)
     if rec.get("cancel"):  # cancelled while its previous worker was going down
         await _finish(redis, ns, job_id, rec["owner"], "cancelled", ttl)
         return {"state": "cancelled"}
-    if await transition(redis, ns, job_id, ACTIVE, "running", ttl, started=time.time(),
-                        attempt=ctx.get("job_try", 1)) is None:
-        return {"state": "gone"}
+    await _beat(redis, ns, job_id)  # alive before "running": never reclaimed as it starts
+    stop = threading.Event()
+    beat = asyncio.get_running_loop().create_task(_heartbeat(redis, ns, job_id))
+    try:
+        if await transition(redis, ns, job_id, ACTIVE, "running", ttl, started=time.time(),
+                            attempt=ctx.get("job_try", 1)) is None:
+            return {"state": "gone"}
+        return await _run(ctx, job_id, top_k, queries_per_example, rec["owner"], stop)
+    finally:
+        beat.cancel()
+        await asyncio.gather(beat, return_exceptions=True)
+        await redis.delete(alive_key(ns, job_id))
+
+
+async def _beat(redis, ns: str, job_id: str) -> None:
+    await redis.set(alive_key(ns, job_id), os.getpid(), ex=int(3 * HEARTBEAT_S))
+
+
+async def _heartbeat(redis, ns: str, job_id: str) -> None:
+    from redis.exceptions import RedisError
+
+    while True:
+        await asyncio.sleep(HEARTBEAT_S)
+        try:
+            await _beat(redis, ns, job_id)
+        except RedisError as e:  # Redis away for a beat: the job goes on; two more beats before it counts
+            log.warning("job %s: heartbeat not written: %s", job_id, e)
+
+
+async def _run(ctx: dict, job_id: str, top_k: int, queries_per_example: int, owner: str, stop) -> dict:
+    from worker.scan import ScanInputError
+    from worker.scan import scan as run_scan
+
+    redis, s = ctx["redis"], ctx["settings"]
+    ns, ttl = s.cache_namespace, s.jobs_result_ttl_s
     jdir = Path(s.jobs_dir) / job_id
     jdir.mkdir(parents=True, exist_ok=True)
     src, out = jdir / "input.jsonl", jdir / "scan"
     if not src.exists():  # written once: the scan's resume key is this file's sha256
         raw = await redis.get(input_key(ns, job_id))
         if raw is None:
-            await _finish(redis, ns, job_id, rec["owner"], "failed", ttl, error="the job's queries expired")
+            await _finish(redis, ns, job_id, owner, "failed", ttl, error="the job's queries expired")
             return {"state": "failed"}
         tmp = jdir / ".input.jsonl.tmp"
         tmp.write_bytes(raw)
         os.replace(tmp, src)
-    loop, stop = asyncio.get_running_loop(), threading.Event()
+    loop = asyncio.get_running_loop()
     progress = JobProgress(loop, redis, ns, job_id, _resumed(out), ttl, stop)
     await redis.hset(record_key(ns, job_id), "done", progress.done)
     cfg = ScanConfig(top_k=top_k, queries_per_example=queries_per_example, chunk=s.jobs_chunk)
     fut = loop.run_in_executor(None, lambda: run_scan(ctx["attributor"], src, out, cfg, progress=progress))
-    owner = rec["owner"]
     try:
         summary = await asyncio.shield(fut)
     except asyncio.CancelledError:
@@ -220,6 +259,24 @@ async def _finish(redis, ns: str, job_id: str, owner: str, state: str, ttl: int,
     await redis.delete(input_key(ns, job_id))
 
 
+async def reclaim_orphans(redis, ns: str, ttl: int) -> list[str]:
+    """Jobs whose worker died outright (``kill -9``, a lost machine): arq's lock on them would hold them
+    for ``STRIDE_JOBS_TIMEOUT_S`` (24 h by default). A job whose record says running but whose worker
+    stopped refreshing its alive key is queued again and its lock dropped, so the next free worker
+    resumes it from its last chunk. Run at every worker's start and every HEARTBEAT_S after."""
+    reclaimed = []
+    async for key in redis.scan_iter(match=f"{ARQ_IN_PROGRESS}*", count=500):
+        job_id = (key.decode() if isinstance(key, bytes) else key)[len(ARQ_IN_PROGRESS):]
+        rec = await read_record(redis, ns, job_id)
+        if rec is None or rec["state"] != "running" or await redis.exists(alive_key(ns, job_id)):
+            continue  # another deployment's job, not running, or its worker is alive
+        if await transition(redis, ns, job_id, ("running",), "queued", ttl) is not None:
+            await redis.delete(key)
+            reclaimed.append(job_id)
+            log.warning("job %s: its worker stopped without a word; queued again to resume", job_id)
+    return reclaimed
+
+
 async def prune_dirs(redis, ns: str, jobs_dir: Path) -> int:
     """Remove the directories of jobs whose record expired (results expire; their files too)."""
     removed = 0
@@ -237,11 +294,30 @@ def worker_settings(settings, attributor) -> dict[str, Any]:
     at a time (the scan's thread owns the model while it runs)."""
     from arq.connections import RedisSettings
 
+    ns, ttl = settings.cache_namespace, settings.jobs_result_ttl_s
+
+    async def reaper(redis) -> None:
+        from redis.exceptions import RedisError
+
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            try:
+                await reclaim_orphans(redis, ns, ttl)
+            except RedisError as e:  # Redis away for now: the next beat tries again
+                log.warning("could not look for orphaned jobs: %s", e)
+
     async def startup(ctx: dict) -> None:
         ctx["settings"], ctx["attributor"] = settings, attributor
-        n = await prune_dirs(ctx["redis"], settings.cache_namespace, Path(settings.jobs_dir))
-        log.info("job worker ready: queue %s, %d expired job directories removed",
-                 queue_name(settings.cache_namespace), n)
+        n = await prune_dirs(ctx["redis"], ns, Path(settings.jobs_dir))
+        orphans = await reclaim_orphans(ctx["redis"], ns, ttl)
+        ctx["reaper"] = asyncio.get_running_loop().create_task(reaper(ctx["redis"]))
+        log.info("job worker ready: queue %s, %d expired job directories removed, %d orphaned jobs queued again",
+                 queue_name(ns), n, len(orphans))
+
+    async def shutdown(ctx: dict) -> None:
+        if "reaper" in ctx:
+            ctx["reaper"].cancel()
+            await asyncio.gather(ctx["reaper"], return_exceptions=True)
 
     async def after_job(ctx: dict) -> None:
         await prune_dirs(ctx["redis"], settings.cache_namespace, Path(settings.jobs_dir))
@@ -250,6 +326,6 @@ def worker_settings(settings, attributor) -> dict[str, Any]:
 
     return {"functions": [func(scan_job, name=FUNCTION, timeout=settings.jobs_timeout_s)],
             "redis_settings": RedisSettings.from_dsn(settings.redis_url),
-            "queue_name": queue_name(settings.cache_namespace), "on_startup": startup, "after_job_end": after_job,
+            "queue_name": queue_name(ns), "on_startup": startup, "on_shutdown": shutdown, "after_job_end": after_job,
             "allow_abort_jobs": True, "max_jobs": 1, "job_timeout": settings.jobs_timeout_s,
             "keep_result": settings.jobs_result_ttl_s, "poll_delay": 0.5}
