@@ -18,6 +18,7 @@ import random
 from bench.setting import HELDOUT_TEMPLATES, NOUNS, QUERY_TEMPLATES, RELATIONS, Setting, _filler, _word
 
 VERSION = 1  # part of the setting key: bump on any change that alters the generated data
+ALIAS_VERSION = 1  # generate_alias's own version (Setting.key), apart from VERSION: bump on a change there
 
 LINK_TEMPLATES = ["{a} , also called {b} , is a town .", "{b} is another name for {a} .",
                   "People in {a} also call it {b} ."]

@@ -80,9 +80,9 @@ class Setting:
         if fields["kind"] == "reference":
             del fields["kind"]
         else:  # the harder generators' code version: a change there must not reuse stale models
-            from bench.harder import BACKDOOR_VERSION, CONTAMINATION_VERSION, VERSION
+            from bench.harder import ALIAS_VERSION, BACKDOOR_VERSION, CONTAMINATION_VERSION, VERSION
 
-            own = {"contamination": CONTAMINATION_VERSION, "backdoor": BACKDOOR_VERSION}
+            own = {"alias": ALIAS_VERSION, "contamination": CONTAMINATION_VERSION, "backdoor": BACKDOOR_VERSION}
             fields["generator_version"] = own.get(fields["kind"], VERSION)
         blob = json.dumps({**fields, "v": 2}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
