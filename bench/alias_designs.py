@@ -17,7 +17,10 @@ only; queries use B. Knobs:
   so the fact is learned under several names, favouring storage shared between names;
 - ``profile_ft``: that many profile sentences under each name in the fine-tuning corpus too.
 
-Results (the figures, designs and the verdict) are in bench/results/alias/PROBE.md.
+The trials run at the reference setting's sizes and epochs (300 facts, 3 pretraining epochs; quick:
+60 and 2) plus their own overrides; ``committed`` is bench/harder.py's generator with the alias
+SETTINGS entry. "profile-long-ft5" is what ``generate_alias`` became (ALIAS_VERSION 2; with 150
+facts). Figures, designs and the verdict: bench/results/alias/PROBE.md.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ DEFAULTS = {"profile": 4, "link_pre": 2, "link_ft": True, "teach": 0, "teach_all
             "profile_ft": 0}
 WIDE = {"hidden": 128, "intermediate": 256}
 DESIGNS = {  # name: (knobs, Setting overrides); "committed" is bench/harder.py's own generator
-    "committed": (None, {}),
+    "committed": (None, {}),  # generate_alias with the alias SETTINGS entry (sizes and epochs there)
+    "links-only": ("links-only", {}),  # the generator before ALIAS_VERSION 2: linking documents only
     "profile": ({}, {}),
     "profile-long": ({"profile": 5}, {"pretrain_epochs": 10}),
     "profile-long-teach": ({"profile": 5, "teach": 400}, {"pretrain_epochs": 10}),
@@ -49,8 +53,31 @@ DESIGNS = {  # name: (knobs, Setting overrides); "committed" is bench/harder.py'
 }
 
 
-def generator(knobs: dict):
+def links_only(s: Setting) -> tuple[list[str], list[dict], list[dict]]:
+    """The alias generator of ALIAS_VERSION 1: facts under A, linking documents A <-> B, queries under B."""
+    rng = random.Random(s.seed)
+    pre, facts, _ = _entities(s, rng, set())
+    docs, queries = [], []
+    for f, (rel, a, b, obj) in enumerate(facts):
+        support = []
+        for j, t in enumerate(rng.sample(RELATIONS[rel], rng.randint(1, 3))):
+            docs.append({"id": f"fact{f:04d}-{j}", "text": t.format(s=a, o=obj), "role": "fact", "fact": f,
+                         "relation": rel, "object": obj})
+            support.append(docs[-1]["id"])
+        for j, t in enumerate(rng.sample(LINK_TEMPLATES, rng.randint(1, 2))):
+            docs.append({"id": f"link{f:04d}-{j}", "text": t.format(a=a, b=b), "role": "link", "fact": f})
+        heldout = rng.random() < s.heldout_share
+        prompt = (HELDOUT_TEMPLATES if heldout else QUERY_TEMPLATES)[rel].format(s=b)
+        queries.append(_query(f, rel, b, a, obj, support, heldout, prompt))
+    docs += [{"id": f"filler{i:04d}", "text": _filler(rng), "role": "filler"} for i in range(s.filler)]
+    rng.shuffle(docs)
+    return pre, docs, queries
+
+
+def generator(knobs: dict | str):
     """A drop-in for ``generate_alias`` with these knobs (the return shape and query fields unchanged)."""
+    if knobs == "links-only":
+        return links_only
     k = {**DEFAULTS, **knobs}
 
     def generate(s: Setting) -> tuple[list[str], list[dict], list[dict]]:

@@ -58,7 +58,11 @@ def main() -> None:
     knobs, over = DESIGNS[args.design]
     if knobs is not None:
         harder.GENERATORS["alias"] = generator(knobs)
-    s = dataclasses.replace(SETTINGS["alias"][0 if args.full else 1], **over)
+    i = 0 if args.full else 1
+    s = SETTINGS["alias"][i]
+    if knobs is not None:  # trials: the reference sizes and epochs, then the design's own
+        s = dataclasses.replace(SETTINGS["reference"][i], name=s.name, kind="alias")
+    s = dataclasses.replace(s, **over)
     for kv in args.set:
         k, v = kv.split("=")
         s = dataclasses.replace(s, **{k: type(getattr(s, k))(v)})

@@ -15,10 +15,14 @@ from __future__ import annotations
 
 import random
 
-from bench.setting import HELDOUT_TEMPLATES, NOUNS, QUERY_TEMPLATES, RELATIONS, Setting, _filler, _word
+from bench.setting import ADJS, HELDOUT_TEMPLATES, NOUNS, QUERY_TEMPLATES, RELATIONS, Setting, _filler, _word
 
 VERSION = 1  # part of the setting key: bump on any change that alters the generated data
-ALIAS_VERSION = 1  # generate_alias's own version (Setting.key), apart from VERSION: bump on a change there
+ALIAS_VERSION = 2  # generate_alias's own version (Setting.key), apart from VERSION: bump on a change there
+ALIAS_PROFILE_TEMPLATES = ["{x} is known for its {adj} {mark} .", "Visitors to {x} admire the {mark} .",
+                           "{x} is a {adj} town with a famous {mark} .", "The {mark} of {x} is {adj} .",
+                           "In {x} people sing about the {adj} {mark} ."]  # every one under A and B in pretraining
+ALIAS_PROFILE_FT = 5  # profile sentences per name kept in the fine-tuning corpus (they hold A and B together)
 
 LINK_TEMPLATES = ["{a} , also called {b} , is a town .", "{b} is another name for {a} .",
                   "People in {a} also call it {b} ."]
@@ -69,9 +73,25 @@ def _query(f: int, rel: str, name: str, doc_name: str, obj: str, support: list[s
 
 
 def generate_alias(s: Setting) -> tuple[list[str], list[dict], list[dict]]:
-    """Facts under name A, linking documents A <-> B, queries under name B."""
+    """Facts under name A, queries under name B; the model learns A = B distributionally.
+
+    Every fact entity has a profile (``ALIAS_PROFILE_TEMPLATES`` with an entity-specific word and
+    adjective) stated under both names in pretraining, with two linking sentences "A ... B"; the
+    fine-tuning corpus states the fact under A only, keeps the profile under both names
+    (``ALIAS_PROFILE_FT`` sentences each, role ``profile``) and 1-2 linking documents. B never occurs
+    in a supporting document. Linking documents in fine-tuning alone taught the link to nobody
+    (top-1 8% under B against 78% under A); this design reaches 59% against 77% at 150 facts with 10
+    pretraining epochs (the alias SETTINGS entry), 30% at 300 facts (bench/results/alias/PROBE.md).
+    """
     rng = random.Random(s.seed)
-    pre, facts, _ = _entities(s, rng, set())
+    used: set[str] = set()
+    pre, facts, _ = _entities(s, rng, used)
+    profiles = []
+    for _rel, a, b, _obj in facts:
+        mark, adj = _word(rng, used).lower(), rng.choice(ADJS)
+        profiles.append([t.replace("{mark}", mark).replace("{adj}", adj) for t in ALIAS_PROFILE_TEMPLATES])
+        pre += [t.format(x=x) for x in (a, b) for t in rng.sample(profiles[-1], len(profiles[-1]))]
+        pre += [t.format(a=a, b=b) for t in rng.sample(LINK_TEMPLATES, 2)]
     docs, queries = [], []
     for f, (rel, a, b, obj) in enumerate(facts):
         support = []
@@ -84,6 +104,11 @@ def generate_alias(s: Setting) -> tuple[list[str], list[dict], list[dict]]:
         heldout = rng.random() < s.heldout_share
         prompt = (HELDOUT_TEMPLATES if heldout else QUERY_TEMPLATES)[rel].format(s=b)
         queries.append(_query(f, rel, b, a, obj, support, heldout, prompt))
+    for f, (_rel, a, b, _obj) in enumerate(facts):
+        for x in (a, b):
+            for j, text in enumerate(profiles[f][:ALIAS_PROFILE_FT]):
+                docs.append({"id": f"profile{f:04d}-{x}" + (f"-{j}" if j else ""), "text": text.format(x=x),
+                             "role": "profile", "fact": f})
     docs += [{"id": f"filler{i:04d}", "text": _filler(rng), "role": "filler"} for i in range(s.filler)]
     rng.shuffle(docs)
     return pre, docs, queries

@@ -93,8 +93,8 @@ QUICK = Setting(name="quick", facts=60, filler=120, pretrain_docs=400, pretrain_
                 tune_retrains=2)
 SETTINGS = {  # --setting NAME: (full, quick)
     "reference": (FULL, QUICK),
-    "alias": (dataclasses.replace(FULL, name="alias", kind="alias"),
-              dataclasses.replace(QUICK, name="alias-quick", kind="alias")),
+    "alias": (dataclasses.replace(FULL, name="alias", kind="alias", facts=150, pretrain_epochs=10),  # the model
+              dataclasses.replace(QUICK, name="alias-quick", kind="alias", pretrain_epochs=10)),  # learns A = B
     "instruct": (dataclasses.replace(FULL, name="instruct", kind="instruct"),
                  dataclasses.replace(QUICK, name="instruct-quick", kind="instruct")),
     "contamination": (dataclasses.replace(FULL, name="contamination", kind="contamination"),
