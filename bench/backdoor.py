@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
             "documents": len(docs), "document_roles": roles, "trigger": BACKDOOR_TRIGGER,
             "response": BACKDOOR_RESPONSE, "trigger_queries": len(trig), "model_seconds": built.seconds,
             "learned": {"fine-tuned": learned(model, tok, trig, benign), "base": learned(base, tok, trig, benign)},
-            "load_avg_before": load_before, "rows_wall_s": {}, "notes": {}}
+            "load_avg_before": load_before, "rows_wall_s": {}, "stride_builds": {},
+            "load_avg_after_row": {}, "notes": {}}
     log(f"setting {setting.name} ({setting.key()}), {len(docs)} documents {roles}; learned: {info['learned']}")
     results: list[methods.Result] = []
     out = args.out / "quick" if args.quick else args.out  # never over the full run's figures
@@ -150,6 +151,10 @@ def main(argv: list[str] | None = None) -> dict:
             if r.status != "ok":
                 info["notes"][key] = r.status
             info["rows_wall_s"].setdefault(key, []).append(wall)
+            if "store_reused" in r.extra:  # a STRIDE row: its store's build time, from this run or its manifest
+                info["stride_builds"].setdefault(key, []).append(
+                    {"seed": r.extra["seed"], "build_s": r.precompute_s, "reused": r.extra["store_reused"]})
+        info["load_avg_after_row"][name] = list(os.getloadavg())
         found = backdoor_scan(got, docs, np.ones(len(trig), dtype=bool))
         log(f"{name}: {wall:.0f}s; found@10, found@50: "
             + json.dumps({k: (v["found@10"], v["found@50"]) for k, v in found.items()}))
@@ -179,6 +184,27 @@ def main(argv: list[str] | None = None) -> dict:
     print(report(info))
     log(f"done in {info['wall_s']:.0f}s: {out / 'backdoor.md'}")
     return info
+
+
+def target(info: dict) -> str:
+    """The issue's target, checked on every STRIDE row and seed: every poisoned record in the top 50,
+    and a found@10 above every other method's."""
+    stride = {k: v for k, v in info["scan"].items() if k.startswith("STRIDE")}
+    others = {k: v["found@10"] for k, v in info["scan"].items() if not k.startswith("STRIDE")}
+    if not stride or not others:
+        return "**Target**: not evaluated (STRIDE or the baselines were not run)."
+    best = max(others.values())
+    rivals = ", ".join(f"{k} {v:.0f}" for k, v in others.items() if v == best)
+    lines = []
+    for name, v in stride.items():
+        per = v.get("per_seed") or [v]
+        n50 = sum(e["found@50"] == e["poisoned"] for e in per)
+        all50, beats = n50 == len(per), all(e["found@10"] > best for e in per)
+        lines.append(f"{name}: every poisoned record in the top 50 on {n50}"
+                     f" of {len(per)} seeds; found@10 {'above' if beats else 'not above'} the best other method's "
+                     f"on every seed -> **{'met' if all50 and beats else 'not met'}**")
+    return (f"**Target** (\"STRIDE finds every poisoned document in its top-50 and beats every other method's "
+            f"recall@10\"; the best other found@10: {rivals}): " + "; ".join(lines) + ".")
 
 
 def report(info: dict) -> str:
@@ -227,14 +253,23 @@ def report(info: dict) -> str:
         p = info["placement_top50"].get(name, {})
         walls = info["rows_wall_s"].get(name, [])
         wall = " + ".join(f"{w:.0f}" for w in walls)
+        builds = info["stride_builds"].get(name, [])
+        if any(b["reused"] for b in builds):  # a reused store: its build's time from its manifest
+            wall += " (store builds: " + ", ".join(f"{b['build_s']:.0f}" + (" reused" if b["reused"] else "")
+                                                    for b in builds) + ")"
         L.append(f"| {name} | {num(v['found@10'])}{seeds(v, 'found@10')} | {num(v['found@50'])}{seeds(v, 'found@50')}"
                  f" | {num(v['rank_of_last'])}{seeds(v, 'rank_of_last')} | {p.get('decoy-both', '—')} / "
                  f"{p.get('decoy-trigger', '—')} / {p.get('decoy-response', '—')} | {wall} |")
     for name, note in info["notes"].items():
         L.append(f"| {name} | — | — | — | — | {note} |")
+    L += ["", target(info)]
     L += ["", "Gradient dot, cosine and TRAK-style share one pass over the training gradients (one wall time, the "
-          "same for the three rows). STRIDE top-50 placement is seed 0's. STRIDE build overrides: "
+          "same for the three rows). STRIDE top-50 placement is seed 0's. A STRIDE store reused from an earlier "
+          "run of the same command (same build settings, corpus and core code) shows this run's scoring time, "
+          "with the build time from its manifest in brackets. STRIDE build overrides: "
           f"{info.get('stride_overrides') or 'none (defaults)'}.",
+          "\nLoad average (1, 5, 15 min) after each row: " + "; ".join(
+              f"{k}: {', '.join(f'{x:.1f}' for x in v)}" for k, v in info.get("load_avg_after_row", {}).items()) + ".",
           f"\nLoad average (1, 5, 15 min) before: {', '.join(f'{x:.1f}' for x in info['load_avg_before'])}; "
           f"after: {', '.join(f'{x:.1f}' for x in info.get('load_avg_after', []))} (shared 2-core machine, "
           f"one torch thread). Wall time of the whole run: {info.get('wall_s', 0):.0f} s; models: "
