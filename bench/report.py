@@ -112,9 +112,9 @@ NOTES = """## Notes
 SETTING_TEXT = {
     "reference": "Facts are stated under the same subject names the queries use, so matching the subject word "
                  "finds the supporting documents (the lexical setting).",
-    "alias": "Every fact's entity has two names: linking documents (\"A , also called B , ...\") are in the "
-             "fine-tuning corpus, the fact documents use one name and the queries the other, so a query's subject "
-             "word never occurs in its supporting documents.",
+    "alias": "Every fact's entity has two names, A and B, used alike in profile sentences in pretraining and in "
+             "the fine-tuning corpus (so the model learns they are one entity); the fact documents use A only "
+             "and the queries B, so a query's subject word never occurs in its supporting documents.",
     "instruct": "Prompt/completion records shaped like an Alpaca SFT set (instruction, response; the loss covers "
                 "completions only, in fine-tuning and in every retrain). Facts are answered under one entity name "
                 "and queried under its alias (linking records give both); a planted behaviour: the word "
