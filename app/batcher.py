@@ -10,9 +10,10 @@ waits, a crowd fills its batches.
 Overload is refused early rather than served late: a query is shed at once (503 + Retry-After) when
 the queue is full, or when the time it has already waited since its request arrived (the event
 loop's own backlog: parsing, validation and tokenisation of the requests ahead of it) plus the model
-work ahead of it (the rest of the running batch and the queued queries, at the seconds per query
-measured on recent batches) is over ``max_queue_wait_s``, or would not leave its own batch time
-before its deadline. With nothing ahead a query is never shed, so a stale or inflated estimate
+work ahead of it (the rest of the running batch and the queued queries, at the measured batch cost,
+``BatchCost``) is over ``max_queue_wait_s``, or would not leave its own batch time before its
+deadline. Most refusals happen earlier, at the door (``app.middleware.Admission``), with the same
+allowance and before the body is read. With nothing ahead a query is never shed, so a stale or inflated estimate
 cannot lock the service out (a first batch that compiled the solver used to make every later
 request look 40 s late, and none ran to correct it). A query whose deadline (counted from the
 request's arrival) passes, or would pass before its batch could finish, is dropped before any model
