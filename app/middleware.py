@@ -129,16 +129,19 @@ class LoopLag:
     so it can never stay high once the loop has drained."""
 
     def __init__(self, every: float = 0.02):
-        self.every, self.lag, self._due = every, 0.0, None
+        self.every, self.lag, self._due = every, 0.0, 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def now(self) -> float:
         loop = asyncio.get_running_loop()
-        if self._due is None:
-            self._due = loop.time() + self.every
+        if loop is not self._loop:  # first call, or an app served again on another loop (tests do)
+            self._loop, self.lag, self._due = loop, 0.0, loop.time() + self.every
             loop.call_at(self._due, self._tick, loop)
         return max(self.lag, loop.time() - self._due)
 
     def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
+        if loop is not self._loop:
+            return  # a stale chain from a loop no longer served
         self.lag = max(0.0, loop.time() - self._due)
         self._due = loop.time() + self.every
         loop.call_at(self._due, self._tick, loop)
@@ -147,7 +150,7 @@ class LoopLag:
 class Admission:
     """503 + Retry-After for a request to ``paths`` (the ones that wait for the model) when the event
     loop's backlog plus the model work of the requests already admitted (at the batcher's measured
-    seconds per query) is over ``max_queue_wait_s``, decided before the body is read.
+    batch cost) is over ``max_queue_wait_s``, decided before the body is read.
 
     Measured at 512 clients (bench/results/load.md): refused only at the batcher, after parsing,
     validation, tokenisation and a Redis lookup, a shed request cost the event loop about as much
