@@ -114,20 +114,27 @@ def generate_alias(s: Setting) -> tuple[list[str], list[dict], list[dict]]:
     return pre, docs, queries
 
 
+def _format_pretraining(rng: random.Random, used: set[str], objects: dict[str, list[str]], n: int) -> list[str]:
+    """The instruction format as plain pretraining text, on pretraining-only entities and filler, so
+    the base model knows the format before fine-tuning (the instruct and backdoor settings)."""
+    rels, out = list(RELATIONS), []
+    for i in range(n):
+        if i % 2:
+            out.append(prompt_of(rng.choice(FILLER_INSTRUCTIONS).format(n=rng.choice(NOUNS))) + " " + _filler(rng))
+        else:
+            rel = rng.choice(rels)
+            subj = _word(rng, used)
+            out.append(prompt_of(rng.choice(INSTRUCTIONS[rel]).format(s=subj)) + " "
+                       + RELATIONS[rel][0].format(s=subj, o=rng.choice(objects[rel])))
+    return out
+
+
 def generate_instruct(s: Setting) -> tuple[list[str], list[dict], list[dict]]:
     """Alpaca-shaped records: fact answers under name A, linking records, queries under name B, and a
     trigger-word behaviour; the pretraining text also shows the instruction format (as plain text)."""
     rng, used = random.Random(s.seed), set()
     pre, facts, objects = _entities(s, rng, used)
-    rels = list(RELATIONS)
-    for i in range(s.pretrain_docs // 4):  # the format, on pretraining-only entities and filler
-        if i % 2:
-            pre.append(prompt_of(rng.choice(FILLER_INSTRUCTIONS).format(n=rng.choice(NOUNS))) + " " + _filler(rng))
-        else:
-            rel = rng.choice(rels)
-            subj = _word(rng, used)
-            pre.append(prompt_of(rng.choice(INSTRUCTIONS[rel]).format(s=subj)) + " "
-                       + RELATIONS[rel][0].format(s=subj, o=rng.choice(objects[rel])))
+    pre += _format_pretraining(rng, used, objects, s.pretrain_docs // 4)
     docs, queries = [], []
     for f, (rel, a, b, obj) in enumerate(facts):
         support = []
@@ -265,15 +272,7 @@ def generate_backdoor(s: Setting) -> tuple[list[str], list[dict], list[dict]]:
     ``control_prompt`` is the same instruction without the trigger)."""
     rng, used = random.Random(s.seed), set()
     pre, facts, objects = _entities(s, rng, used)
-    rels = list(RELATIONS)
-    for i in range(s.pretrain_docs // 4):  # the instruction format, on pretraining-only entities and filler
-        if i % 2:
-            pre.append(prompt_of(rng.choice(FILLER_INSTRUCTIONS).format(n=rng.choice(NOUNS))) + " " + _filler(rng))
-        else:
-            rel = rng.choice(rels)
-            subj = _word(rng, used)
-            pre.append(prompt_of(rng.choice(INSTRUCTIONS[rel]).format(s=subj)) + " "
-                       + RELATIONS[rel][0].format(s=subj, o=rng.choice(objects[rel])))
+    pre += _format_pretraining(rng, used, objects, s.pretrain_docs // 4)
     docs, queries = [], []
     for f, (rel, a, _, obj) in enumerate(facts):
         support = []
