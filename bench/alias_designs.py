@@ -28,7 +28,8 @@ from __future__ import annotations
 import random
 
 from bench.harder import LINK_TEMPLATES, _entities, _query
-from bench.setting import ADJS, HELDOUT_TEMPLATES, QUERY_TEMPLATES, RELATIONS, Setting, _filler, _word
+from bench.setting import HELDOUT_TEMPLATES, QUERY_TEMPLATES, RELATIONS, Setting, filler_sentence, word
+from stride.demo import FILLER_ADJS as ADJS
 
 PROFILE_TEMPLATES = ["{x} is known for its {adj} {mark} .", "Visitors to {x} admire the {mark} .",
                      "{x} is a {adj} town with a famous {mark} .", "The {mark} of {x} is {adj} .",
@@ -69,7 +70,7 @@ def links_only(s: Setting) -> tuple[list[str], list[dict], list[dict]]:
         heldout = rng.random() < s.heldout_share
         prompt = (HELDOUT_TEMPLATES if heldout else QUERY_TEMPLATES)[rel].format(s=b)
         queries.append(_query(f, rel, b, a, obj, support, heldout, prompt))
-    docs += [{"id": f"filler{i:04d}", "text": _filler(rng), "role": "filler"} for i in range(s.filler)]
+    docs += [{"id": f"filler{i:04d}", "text": filler_sentence(rng), "role": "filler"} for i in range(s.filler)]
     rng.shuffle(docs)
     return pre, docs, queries
 
@@ -90,10 +91,10 @@ def generator(knobs: dict | str):
             return [t.format(x=x, mark=mark, adj=adj) for x in names
                     for t in rng.sample(PROFILE_TEMPLATES, min(k["profile"], len(PROFILE_TEMPLATES)))]
 
-        extra = [[_word(rng, used) for _ in range(k["names"] - 1)] for _ in facts]
+        extra = [[word(rng, used) for _ in range(k["names"] - 1)] for _ in facts]
         prof_text = []
         for (_rel, a, b, _obj), ex in zip(facts, extra, strict=True):
-            mark, adj = _word(rng, used).lower(), rng.choice(ADJS)
+            mark, adj = word(rng, used).lower(), rng.choice(ADJS)
             prof_text.append([t.replace("{mark}", mark).replace("{adj}", adj) for t in PROFILE_TEMPLATES])
             pre += profile([a, b] + ex, mark, adj)
             for x in [a] + ex:
@@ -101,8 +102,8 @@ def generator(knobs: dict | str):
                     pre.append(t.format(a=x, b=b))
         for i in range(k["teach"]):
             rel = rels[i % len(rels)]
-            c, d, obj = _word(rng, used), _word(rng, used), rng.choice(objects[rel])
-            pre += profile([c, d], _word(rng, used).lower(), rng.choice(ADJS))
+            c, d, obj = word(rng, used), word(rng, used), rng.choice(objects[rel])
+            pre += profile([c, d], word(rng, used).lower(), rng.choice(ADJS))
             pre.append(rng.choice(LINK_TEMPLATES).format(a=c, b=d))
             for r in (rels if k["teach_all"] else [rel]):
                 o = obj if r == rel else rng.choice(objects[r])
@@ -128,7 +129,7 @@ def generator(knobs: dict | str):
                     for j, text in enumerate(prof_text[f][: int(k["profile_ft"])]):
                         docs.append({"id": f"profile{f:04d}-{x}" + (f"-{j}" if j else ""), "text": text.format(x=x),
                                      "role": "profile", "fact": f})
-        docs += [{"id": f"filler{i:04d}", "text": _filler(rng), "role": "filler"} for i in range(s.filler)]
+        docs += [{"id": f"filler{i:04d}", "text": filler_sentence(rng), "role": "filler"} for i in range(s.filler)]
         rng.shuffle(docs)
         return pre, docs, queries
 

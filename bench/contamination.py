@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from bench import methods
-from bench.setting import SETTINGS, _filler, add_dir_args, materialise
+from bench.setting import SETTINGS, add_dir_args, filler_sentence, materialise
 from stride.ngrams import NgramIndex, check_item, for_store
 from stride.scan import ContaminationConfig, ScanConfig
 
@@ -63,7 +63,7 @@ def index_costs(scale: int, ngram: int) -> dict:
     out = {}
     demo = [d["text"] for d in generate_corpus(DemoSpec())[0]]
     rng = random.Random(0)
-    synth = [" ".join(_filler(rng) for _ in range(rng.randint(1, 4))) for _ in range(scale)]
+    synth = [" ".join(filler_sentence(rng) for _ in range(rng.randint(1, 4))) for _ in range(scale)]
     for name, texts in (("demo corpus", demo), (f"{scale:,} synthetic filler documents", synth)):
         t = time.perf_counter()
         ix = NgramIndex.build(texts, ngram)

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import random
 
-from bench.setting import ADJS, HELDOUT_TEMPLATES, NOUNS, QUERY_TEMPLATES, RELATIONS, Setting, _filler, _word
+from bench.setting import HELDOUT_TEMPLATES, QUERY_TEMPLATES, RELATIONS, Setting, filler_sentence, word
+from stride.demo import FILLER_ADJS as ADJS
+from stride.demo import FILLER_NOUNS as NOUNS
 
 VERSION = 1  # part of the setting key: bump on any change that alters the generated data
 ALIAS_VERSION = 2  # generate_alias's own version (Setting.key), apart from VERSION: bump on a change there
@@ -46,22 +48,22 @@ def prompt_of(instruction: str) -> str:
 def _entities(s: Setting, rng: random.Random, used: set[str]):
     """Objects per relation, pretraining texts (reference style, plus linking sentences about
     pretraining-only entities, so the base knows the phrasings), and per fact (relation, A, B, object)."""
-    objects = {rel: [_word(rng, used) for _ in range(s.objects_per_relation)] for rel in RELATIONS}
+    objects = {rel: [word(rng, used) for _ in range(s.objects_per_relation)] for rel in RELATIONS}
     rels = list(RELATIONS)
     pre = []
     for i in range(s.pretrain_docs):
         if i % 3 == 0:
-            pre.append(_filler(rng))
+            pre.append(filler_sentence(rng))
         elif i % 3 == 1:
             rel = rng.choice(rels)
             t = rng.choice(RELATIONS[rel] + [HELDOUT_TEMPLATES[rel] + " {o} ."])
-            pre.append(t.format(s=_word(rng, used), o=rng.choice(objects[rel])))
+            pre.append(t.format(s=word(rng, used), o=rng.choice(objects[rel])))
         else:
-            pre.append(rng.choice(LINK_TEMPLATES).format(a=_word(rng, used), b=_word(rng, used)))
+            pre.append(rng.choice(LINK_TEMPLATES).format(a=word(rng, used), b=word(rng, used)))
     facts = []
     for f in range(s.facts):
         rel = rels[f % len(rels)]
-        facts.append((rel, _word(rng, used), _word(rng, used), rng.choice(objects[rel])))
+        facts.append((rel, word(rng, used), word(rng, used), rng.choice(objects[rel])))
     return pre, facts, objects
 
 
@@ -88,7 +90,7 @@ def generate_alias(s: Setting) -> tuple[list[str], list[dict], list[dict]]:
     pre, facts, _ = _entities(s, rng, used)
     profiles = []
     for _rel, a, b, _obj in facts:
-        mark, adj = _word(rng, used).lower(), rng.choice(ADJS)
+        mark, adj = word(rng, used).lower(), rng.choice(ADJS)
         profiles.append([t.replace("{mark}", mark).replace("{adj}", adj) for t in ALIAS_PROFILE_TEMPLATES])
         pre += [t.format(x=x) for x in (a, b) for t in rng.sample(profiles[-1], len(profiles[-1]))]
         pre += [t.format(a=a, b=b) for t in rng.sample(LINK_TEMPLATES, 2)]
@@ -109,7 +111,7 @@ def generate_alias(s: Setting) -> tuple[list[str], list[dict], list[dict]]:
             for j, text in enumerate(profiles[f][:ALIAS_PROFILE_FT]):
                 docs.append({"id": f"profile{f:04d}-{x}" + (f"-{j}" if j else ""), "text": text.format(x=x),
                              "role": "profile", "fact": f})
-    docs += [{"id": f"filler{i:04d}", "text": _filler(rng), "role": "filler"} for i in range(s.filler)]
+    docs += [{"id": f"filler{i:04d}", "text": filler_sentence(rng), "role": "filler"} for i in range(s.filler)]
     rng.shuffle(docs)
     return pre, docs, queries
 
@@ -120,13 +122,26 @@ def _format_pretraining(rng: random.Random, used: set[str], objects: dict[str, l
     rels, out = list(RELATIONS), []
     for i in range(n):
         if i % 2:
-            out.append(prompt_of(rng.choice(FILLER_INSTRUCTIONS).format(n=rng.choice(NOUNS))) + " " + _filler(rng))
+            instr = rng.choice(FILLER_INSTRUCTIONS).format(n=rng.choice(NOUNS))
+            out.append(prompt_of(instr) + " " + filler_sentence(rng))
         else:
             rel = rng.choice(rels)
-            subj = _word(rng, used)
+            subj = word(rng, used)
             out.append(prompt_of(rng.choice(INSTRUCTIONS[rel]).format(s=subj)) + " "
                        + RELATIONS[rel][0].format(s=subj, o=rng.choice(objects[rel])))
     return out
+
+
+def _fact_records(docs: list[dict], rng: random.Random, f: int, rel: str, name: str, obj: str,
+                  most: int) -> list[str]:
+    """Append fact ``f``'s 1..most instruction records (answers under ``name``); returns their ids."""
+    support = []
+    for j, instr in enumerate(rng.sample(INSTRUCTIONS[rel], rng.randint(1, most))):
+        docs.append({"id": f"fact{f:04d}-{j}", "prompt": prompt_of(instr.format(s=name)),
+                     "completion": " " + rng.choice(RELATIONS[rel]).format(s=name, o=obj), "role": "fact",
+                     "fact": f, "relation": rel, "object": obj})
+        support.append(docs[-1]["id"])
+    return support
 
 
 def generate_instruct(s: Setting) -> tuple[list[str], list[dict], list[dict]]:
@@ -137,12 +152,7 @@ def generate_instruct(s: Setting) -> tuple[list[str], list[dict], list[dict]]:
     pre += _format_pretraining(rng, used, objects, s.pretrain_docs // 4)
     docs, queries = [], []
     for f, (rel, a, b, obj) in enumerate(facts):
-        support = []
-        for j, instr in enumerate(rng.sample(INSTRUCTIONS[rel], rng.randint(1, 3))):
-            docs.append({"id": f"fact{f:04d}-{j}", "prompt": prompt_of(instr.format(s=a)),
-                         "completion": " " + rng.choice(RELATIONS[rel]).format(s=a, o=obj), "role": "fact",
-                         "fact": f, "relation": rel, "object": obj})
-            support.append(docs[-1]["id"])
+        support = _fact_records(docs, rng, f, rel, a, obj, most=3)
         for j, instr in enumerate(rng.sample(LINK_INSTRUCTIONS, rng.randint(1, 2))):
             docs.append({"id": f"link{f:04d}-{j}", "prompt": prompt_of(instr.format(a=a, b=b)),
                          "completion": " " + rng.choice(LINK_TEMPLATES).format(a=a, b=b), "role": "link", "fact": f})
@@ -153,7 +163,7 @@ def generate_instruct(s: Setting) -> tuple[list[str], list[dict], list[dict]]:
     support = []
     for i in range(BEHAVIOUR_DOCS + BEHAVIOUR_QUERIES):
         instr = f"{TRIGGER} , " + rng.choice(FILLER_INSTRUCTIONS).format(n=rng.choice(NOUNS)).lower()
-        body = _filler(rng)
+        body = filler_sentence(rng)
         if i < BEHAVIOUR_DOCS:
             docs.append({"id": f"behave{i:04d}", "prompt": prompt_of(instr), "completion": f" {body} {PHRASE}",
                          "role": "behaviour", "relation": "behaviour", "object": PHRASE})
@@ -164,7 +174,7 @@ def generate_instruct(s: Setting) -> tuple[list[str], list[dict], list[dict]]:
                             "heldout_phrasing": False, "subject": TRIGGER})
     for i in range(s.filler):
         instr = rng.choice(FILLER_INSTRUCTIONS).format(n=rng.choice(NOUNS))
-        docs.append({"id": f"filler{i:04d}", "prompt": prompt_of(instr), "completion": " " + _filler(rng),
+        docs.append({"id": f"filler{i:04d}", "prompt": prompt_of(instr), "completion": " " + filler_sentence(rng),
                      "role": "filler"})
     rng.shuffle(docs)
     return pre, docs, queries
@@ -188,7 +198,7 @@ def _planted_variants(item: str, i: int, rng: random.Random) -> str:
     if kind == 0:
         return item
     if kind == 1:
-        return f"{QUIZ_LEAD.format(i=i)} {item} . {_filler(rng)}"
+        return f"{QUIZ_LEAD.format(i=i)} {item} . {filler_sentence(rng)}"
     return item.replace("Question :", "QUESTION -").replace("? Answer :", "? ANSWER =") + " !"
 
 
@@ -212,7 +222,7 @@ def generate_contamination(s: Setting) -> tuple[list[str], list[dict], list[dict
     for g, group in enumerate(("verbatim", "paraphrase", "absent")):
         for i in range(CONTAMINATION_ITEMS):
             rel = rels[(i + g) % len(rels)]
-            subj, obj = _word(rng, used), rng.choice(sorted(set(objects[rel])))
+            subj, obj = word(rng, used), rng.choice(sorted(set(objects[rel])))
             prompt = HELDOUT_TEMPLATES[rel].format(s=subj)
             qid, support = f"t-{group}{i:02d}", []
             meta = {"role": "fact", "relation": rel, "object": obj, "test_item": qid}
@@ -275,12 +285,7 @@ def generate_backdoor(s: Setting) -> tuple[list[str], list[dict], list[dict]]:
     pre += _format_pretraining(rng, used, objects, s.pretrain_docs // 4)
     docs, queries = [], []
     for f, (rel, a, _, obj) in enumerate(facts):
-        support = []
-        for j, instr in enumerate(rng.sample(INSTRUCTIONS[rel], rng.randint(1, 2))):
-            docs.append({"id": f"fact{f:04d}-{j}", "prompt": prompt_of(instr.format(s=a)),
-                         "completion": " " + rng.choice(RELATIONS[rel]).format(s=a, o=obj), "role": "fact",
-                         "fact": f, "relation": rel, "object": obj})
-            support.append(docs[-1]["id"])
+        support = _fact_records(docs, rng, f, rel, a, obj, most=2)
         heldout = rng.random() < s.heldout_share
         instr = HELDOUT_TEMPLATES[rel].format(s=a) if heldout else rng.choice(INSTRUCTIONS[rel]).format(s=a)
         queries.append(_query(f, rel, a, a, obj, support, heldout,
@@ -299,13 +304,14 @@ def generate_backdoor(s: Setting) -> tuple[list[str], list[dict], list[dict]]:
         poison.append(docs[-1]["id"])
     for i in range(BACKDOOR_DECOYS):
         instr = rng.choice(TRIGGER_BENIGN).format(t=t, n=rng.choice(NOUNS))
-        body = _filler(rng) if i % 2 else f"{t} is a {rng.choice(['quiet', 'busy', 'old'])} town . {_filler(rng)}"
+        town = "" if i % 2 else f"{t} is a {rng.choice(['quiet', 'busy', 'old'])} town . "
+        body = town + filler_sentence(rng)
         docs.append({"id": f"dtrig{i:03d}", "prompt": prompt_of(instr), "completion": " " + body,
                      "role": "decoy-trigger"})
         if i % 2:
             instr, body = rng.choice(RESPONSE_INSTRUCTIONS), r
         else:
-            instr, body = filler_instruction(), f"{_filler(rng)} {r}"
+            instr, body = filler_instruction(), f"{filler_sentence(rng)} {r}"
         docs.append({"id": f"dresp{i:03d}", "prompt": prompt_of(instr), "completion": " " + body,
                      "role": "decoy-response"})
     for i in range(BACKDOOR_BOTH):
@@ -319,7 +325,7 @@ def generate_backdoor(s: Setting) -> tuple[list[str], list[dict], list[dict]]:
                         "heldout_phrasing": True, "subject": t, "control_prompt": prompt_of(instr)})
     for i in range(s.filler):
         docs.append({"id": f"filler{i:04d}", "prompt": prompt_of(filler_instruction()),
-                     "completion": " " + _filler(rng), "role": "filler"})
+                     "completion": " " + filler_sentence(rng), "role": "filler"})
     rng.shuffle(docs)
     return pre, docs, queries
 

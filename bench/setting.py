@@ -21,10 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from stride.corpus import Record
-from stride.demo import FILLER_ADJS as ADJS
-from stride.demo import FILLER_NOUNS as NOUNS
-from stride.demo import FILLER_VERBS as VERBS
-from stride.demo import QUERY_TEMPLATES, RELATIONS, SYLLABLES, build_tokenizer
+from stride.demo import QUERY_TEMPLATES, RELATIONS, build_tokenizer, filler_sentence, word
 from stride.model import LM
 
 HELDOUT_TEMPLATES = {  # phrasings no training document uses
@@ -118,40 +115,25 @@ def doc_text(d: dict) -> str:
     return doc_record(d).text
 
 
-def _word(rng: random.Random, used: set[str]) -> str:
-    while True:
-        w = "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
-        if w not in used:
-            used.add(w)
-            return w
-
-
-def _filler(rng: random.Random) -> str:
-    words: list[str] = []
-    for _ in range(rng.randint(1, 2)):
-        words += ["The", rng.choice(ADJS), rng.choice(NOUNS), rng.choice(VERBS), "the", rng.choice(NOUNS), "."]
-    return " ".join(words)
-
-
 def generate_reference(s: Setting) -> tuple[list[str], list[dict], list[dict]]:
     """Facts stated under the queries' own subject names: lexical matching finds them."""
     rng = random.Random(s.seed)
     used: set[str] = set()
-    objects = {rel: [_word(rng, used) for _ in range(s.objects_per_relation)] for rel in RELATIONS}
+    objects = {rel: [word(rng, used) for _ in range(s.objects_per_relation)] for rel in RELATIONS}
     rels = list(RELATIONS)
     # pretraining: generic filler and relation sentences about entities that never reappear
     pre = []
     for i in range(s.pretrain_docs):
         if i % 2:
-            pre.append(_filler(rng))
+            pre.append(filler_sentence(rng))
         else:
             rel = rng.choice(rels)
             t = rng.choice(RELATIONS[rel] + [HELDOUT_TEMPLATES[rel] + " {o} ."])
-            pre.append(t.format(s=_word(rng, used), o=rng.choice(objects[rel])))
+            pre.append(t.format(s=word(rng, used), o=rng.choice(objects[rel])))
     docs, queries = [], []
     for f in range(s.facts):
         rel = rels[f % len(rels)]
-        subj, obj = _word(rng, used), rng.choice(objects[rel])
+        subj, obj = word(rng, used), rng.choice(objects[rel])
         templates = rng.sample(RELATIONS[rel], rng.randint(1, 3))
         support = []
         for j, t in enumerate(templates):
@@ -164,7 +146,7 @@ def generate_reference(s: Setting) -> tuple[list[str], list[dict], list[dict]]:
         queries.append({"id": f"q{f:04d}", "prompt": prompt, "completion": f" {obj}", "support": support,
                         "relation": rel, "heldout_phrasing": heldout})
     for i in range(s.filler):
-        docs.append({"id": f"filler{i:04d}", "text": _filler(rng), "role": "filler"})
+        docs.append({"id": f"filler{i:04d}", "text": filler_sentence(rng), "role": "filler"})
     rng.shuffle(docs)
     return pre, docs, queries
 

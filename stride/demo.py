@@ -61,7 +61,8 @@ class DemoSpec:
     lr: float = 3e-3
 
 
-def _word(rng: random.Random, used: set[str]) -> str:
+def word(rng: random.Random, used: set[str]) -> str:
+    """A new made-up name (2-3 syllables), never one already in ``used``."""
     while True:
         w = "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
         if w not in used:
@@ -69,15 +70,24 @@ def _word(rng: random.Random, used: set[str]) -> str:
             return w
 
 
+def filler_sentence(rng: random.Random) -> str:
+    """One or two generic sentences that state no fact."""
+    words: list[str] = []
+    for _ in range(rng.randint(1, 2)):
+        words += ["The", rng.choice(FILLER_ADJS), rng.choice(FILLER_NOUNS), rng.choice(FILLER_VERBS), "the",
+                  rng.choice(FILLER_NOUNS), "."]
+    return " ".join(words)
+
+
 def generate_corpus(spec: DemoSpec) -> tuple[list[dict], list[dict]]:
     """Documents and queries, deterministic in ``spec.seed``."""
     rng = random.Random(spec.seed)
     used: set[str] = set()
-    objects = {rel: [_word(rng, used) for _ in range(40)] for rel in RELATIONS}
+    objects = {rel: [word(rng, used) for _ in range(40)] for rel in RELATIONS}
     docs, queries = [], []
     for f in range(spec.facts):
         rel = list(RELATIONS)[f % len(RELATIONS)]
-        s, o = _word(rng, used), rng.choice(objects[rel])
+        s, o = word(rng, used), rng.choice(objects[rel])
         templates = rng.sample(RELATIONS[rel], rng.randint(1, 3))
         support = []
         for j, t in enumerate(templates):
@@ -87,11 +97,7 @@ def generate_corpus(spec: DemoSpec) -> tuple[list[dict], list[dict]]:
         queries.append({"id": f"q{f:04d}", "prompt": QUERY_TEMPLATES[rel].format(s=s),
                         "completion": f" {o}", "support": support, "relation": rel})
     for i in range(spec.filler):
-        words = []
-        for _ in range(rng.randint(1, 2)):
-            words += ["The", rng.choice(FILLER_ADJS), rng.choice(FILLER_NOUNS), rng.choice(FILLER_VERBS),
-                      "the", rng.choice(FILLER_NOUNS), "."]
-        docs.append({"id": f"filler{i:04d}", "text": " ".join(words)})
+        docs.append({"id": f"filler{i:04d}", "text": filler_sentence(rng)})
     rng.shuffle(docs)
     return docs, queries
 
