@@ -78,13 +78,14 @@ class Engine:
 
     async def warm_up(self) -> None:
         """Real queries through the same thread and code path: one so the first user pays no
-        compile/alloc (not measured), then one and a full batch, which give the load shedding its
-        batch-time estimate at both ends (app.batcher.BatchCost)."""
+        compile/alloc (not measured), then one and a quarter batch (the smallest "large" batch), which
+        give the load shedding its batch-time estimate at both ends (app.batcher.BatchCost). A quarter
+        batch, not a full one: the cost is a line, and every app start and reload pays the warm-up."""
         ids = self.attributor.lm.tokenizer(self.attributor.example(0).text)["input_ids"]
         ids = (ids * 2)[: max(2, min(len(ids), self.attributor.window))]  # fits the window, two tokens at least
         await self.batcher.run_now([Query(prompt_ids=ids)], 1, False)
         short = Query(prompt_ids=ids[:16])  # a question-sized query: a full window would overcharge them
-        for n in (1, self.batcher.max_batch):
+        for n in (1, self.batcher.cost.large):
             await self.batcher.run_now([short] * n, 1, False)
 
     async def stop(self) -> None:
