@@ -135,6 +135,36 @@ def _cell(v: dict, key: str, fmt: str = ".3f") -> str:
     return f"{_f(x, fmt)} ± {_f(sd, fmt)}" if sd is not None else _f(x, fmt)
 
 
+def from_scratch_seconds(info: dict) -> tuple[float, str]:
+    """This run's wall time plus the recorded cost of what it reused from the cache (models, retrains,
+    STRIDE builds, counterfactual fine-tuning), and a note naming the parts: a run that reuses
+    everything takes minutes, and the 45-minute target is about the whole computation. Reused removal
+    retrains are charged at this run's mean retrain time (their own times are not kept)."""
+    parts: list[tuple[str, float]] = []
+    sb = info.get("data", {}).get("setting_build_seconds", {})
+    if sb.get("reused"):
+        parts.append(("models", sum(v for k, v in sb.items() if k in ("pretrain", "finetune"))))
+    gt = info.get("ground_truth", {})
+    if gt.get("reused_from_cache"):
+        parts.append(("retrains", gt["retrain_seconds_total"] * gt["reused_from_cache"] / max(1, gt["retrains"])))
+    builds = 0.0
+    for m in info.get("methods", {}).values():
+        for e in (m["per_seed"].values() if isinstance(m.get("per_seed"), dict) else [m]):
+            if e.get("store_reused") and e.get("precompute_s") is not None:
+                builds += e["precompute_s"]
+    if builds:
+        parts.append(("STRIDE builds", builds))
+    cf = info.get("counterfactual")
+    if cf and cf.get("reused_subsets"):
+        parts.append(("counterfactual fine-tuning", cf["seconds"] * cf["reused_subsets"] / max(1, cf["K"])))
+    rem = info.get("removal")
+    if rem and rem.get("reused_from_cache") and rem["retrains"] > rem["reused_from_cache"]:
+        each = rem["retrain_seconds"] / (rem["retrains"] - rem["reused_from_cache"])  # this run's mean retrain
+        parts.append(("removal retrains (at this run's mean)", rem["reused_from_cache"] * each))
+    note = ", ".join(f"{name} {sec / 60:.0f} min" for name, sec in parts if sec >= 30)
+    return info["wall_s"] + sum(s for _, s in parts), (f"cached here: {note}" if note else "")
+
+
 def targets(info: dict) -> list[str]:
     """Issue 8's targets for this setting, each checked against this run's own numbers."""
     from bench.methods import DEFAULT_MODE, MODE_ROWS
@@ -204,7 +234,10 @@ def targets(info: dict) -> list[str]:
         lat, size = b["latency_ms"] / a["latency_ms"], b["store_bytes"] / a["store_bytes"]
         rows.append(("query latency at n = 10^5 >= 10x below projected gradients", f"{lat:.2f}x", lat >= 10))
         rows.append(("store at n = 10^5 >= 100x smaller", f"{size:.1f}x", size >= 100))
-    rows.append(("full run within 45 min on 2 cores", f"{info['wall_s'] / 60:.1f} min", info["wall_s"] <= 45 * 60))
+    total, cached = from_scratch_seconds(info)
+    rows.append(("full run within 45 min on 2 cores", f"{info['wall_s'] / 60:.1f} min this run; about "
+                 f"{total / 60:.0f} min from scratch, one process" + (f" ({cached})" if cached else ""),
+                 total <= 45 * 60))
     out = ["## Targets (issue 8)\n", "| target | this run | met |", "|---|---|---|"]
     out += [f"| {t} | {v} | {'n/a' if good is None else 'yes' if good else '**no**'} |" for t, v, good in rows]
     if not (stride and ek):
