@@ -295,3 +295,41 @@ def test_job_state_survives_an_api_restart(stack) -> None:
         assert c.get(f"/v1/jobs/{job['job_id']}").json()["state"] == "complete"
         after = c.get(done["result"]).json()
     assert after["items"] == before["items"] and after["rows"] == before["rows"]
+
+
+def test_a_job_that_breaks_unexpectedly_is_failed_not_left_running(redis_url: str, tmp_path: Path) -> None:
+    """A bug inside the scan (here the engine raising RuntimeError) must end the record as failed: arq
+    does not retry such a job, so a record left "running" would be polled forever (it was, when a
+    resumed scan hit an IndexError)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    import redis.asyncio as aioredis
+
+    from worker.jobs import input_key, read_record, record_key, scan_job
+
+    class Broken:
+        num_examples = 3
+        store = SimpleNamespace(version="v", corpus=None)
+
+        def score_matrix(self, *_, **__):
+            raise RuntimeError("a bug in the engine")
+
+    ns, job = f"broken-{os.getpid()}-{time.monotonic_ns()}", "j1"
+    settings = SimpleNamespace(cache_namespace=ns, jobs_result_ttl_s=60, jobs_dir=str(tmp_path), jobs_chunk=4,
+                               jobs_result_rows=10)
+
+    async def run() -> dict:
+        r = aioredis.Redis.from_url(redis_url)
+        try:
+            await r.hset(record_key(ns, job), mapping={"owner": "o", "state": "queued", "done": 0, "total": 1})
+            await r.set(input_key(ns, job), b'{"prompt": "a b", "completion": " c"}\n')
+            with pytest.raises(RuntimeError, match="a bug in the engine"):
+                await scan_job({"redis": r, "settings": settings, "attributor": Broken()}, job, 5, 5)
+            return await read_record(r, ns, job)
+        finally:
+            await r.delete(record_key(ns, job), input_key(ns, job))
+            await r.aclose()
+
+    rec = asyncio.run(run())
+    assert rec["state"] == "failed" and "internal error (RuntimeError)" in rec["error"], rec

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 from stride.query import Attributor
 from stride.result import Query
 from stride.scan import ScanConfig, aggregate
-from worker.scan import ScanInputError, read_queries, scan
+from worker.scan import STATE, ScanInputError, read_queries, resumed, scan
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,8 @@ def _lines(p: Path) -> list[dict]:
     return [json.loads(x) for x in p.read_text().splitlines()]
 
 
-def test_scan_ranks_like_the_direct_aggregate_and_resumes(attributor, demo_dir: Path, tmp_path: Path) -> None:
+def test_scan_ranks_like_the_direct_aggregate_and_resumes(attributor, demo_dir: Path, tmp_path: Path,
+                                                           monkeypatch) -> None:
     queries = demo_dir / "queries.jsonl"
     cfg = ScanConfig(top_k=5, chunk=4)
     whole = scan(attributor, queries, tmp_path / "whole", cfg)
@@ -54,12 +56,28 @@ def test_scan_ranks_like_the_direct_aggregate_and_resumes(attributor, demo_dir: 
     report = (tmp_path / "whole" / "report.html").read_text()
     assert "<script" not in report and examples[0]["id"] in report
 
+    out = tmp_path / "resumed"
     with pytest.raises(_Killed):
-        scan(attributor, queries, tmp_path / "resumed", cfg, progress=_KillAfter())
-    assert len(_lines(tmp_path / "resumed" / "queries.jsonl")) == 4
-    scan(attributor, queries, tmp_path / "resumed", cfg)
-    assert _lines(tmp_path / "resumed" / "queries.jsonl") == per_query
-    assert _lines(tmp_path / "resumed" / "examples.jsonl") == examples
+        scan(attributor, queries, out, cfg, progress=_KillAfter())
+    assert len(_lines(out / "queries.jsonl")) == 4 and resumed(out) == 4
+    # killed again after the next chunk's lines are written but before its state commits: that chunk
+    # is redone, not counted twice (the resume record used to be a second file, written after the state)
+    real = os.replace
+
+    def replace(src, dst):
+        if Path(dst).name == STATE:
+            raise _Killed
+        return real(src, dst)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", replace)
+        with pytest.raises(_Killed):
+            scan(attributor, queries, out, cfg)
+    assert len(_lines(out / "queries.jsonl")) == 8 and resumed(out) == 4
+    scan(attributor, queries, out, cfg)
+    assert _lines(out / "queries.jsonl") == per_query
+    assert _lines(out / "examples.jsonl") == examples
+    assert resumed(out) == len(qs)
 
 
 @pytest.mark.parametrize("content, message", [

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -137,14 +136,6 @@ class JobProgress:
             raise JobCancelled(self.job_id)
 
 
-def _resumed(out: Path) -> int:
-    """Queries a previous run of this job already scanned (the scan's own progress file), for the counter."""
-    try:
-        return int(json.loads((out / "progress.json").read_text())["done"])
-    except (OSError, KeyError, ValueError, TypeError):
-        return 0
-
-
 def _top_rows(path: Path, rows: int) -> list[bytes]:
     out = []
     with open(path, "rb") as f:
@@ -175,6 +166,10 @@ async def scan_job(ctx: dict, job_id: str, top_k: int, queries_per_example: int)
                             attempt=ctx.get("job_try", 1)) is None:
             return {"state": "gone"}
         return await _run(ctx, job_id, top_k, queries_per_example, rec["owner"], stop)
+    except Exception as e:  # a bug, not bad input: the record must not say "running" forever (arq does not retry)
+        await _finish(redis, ns, job_id, rec["owner"], "failed", ttl,
+                      error=f"internal error ({type(e).__name__}); the worker's log has the traceback")
+        raise
     finally:
         beat.cancel()
         await asyncio.gather(beat, return_exceptions=True)
@@ -197,7 +192,7 @@ async def _heartbeat(redis, ns: str, job_id: str) -> None:
 
 
 async def _run(ctx: dict, job_id: str, top_k: int, queries_per_example: int, owner: str, stop) -> dict:
-    from worker.scan import ScanInputError
+    from worker.scan import ScanInputError, resumed
     from worker.scan import scan as run_scan
 
     redis, s = ctx["redis"], ctx["settings"]
@@ -214,7 +209,7 @@ async def _run(ctx: dict, job_id: str, top_k: int, queries_per_example: int, own
         tmp.write_bytes(raw)
         os.replace(tmp, src)
     loop = asyncio.get_running_loop()
-    progress = JobProgress(loop, redis, ns, job_id, _resumed(out), ttl, stop)
+    progress = JobProgress(loop, redis, ns, job_id, resumed(out), ttl, stop)
     await redis.hset(record_key(ns, job_id), "done", progress.done)
     cfg = ScanConfig(top_k=top_k, queries_per_example=queries_per_example, chunk=s.jobs_chunk)
     fut = loop.run_in_executor(None, lambda: run_scan(ctx["attributor"], src, out, cfg, progress=progress))

@@ -3,9 +3,11 @@
 Writes DIR/examples.jsonl (every example, most positive aggregate first), DIR/queries.jsonl (each
 query's top proponents) and DIR/report.html (self-contained); with ``--contamination`` also
 DIR/contamination.jsonl (each query checked as a benchmark item, ``stride.ngrams.check_item``).
-Resumable: after each chunk the accumulator's state is written atomically together with the byte
-length of queries.jsonl, so a killed scan truncates the half-written tail and continues from the
-last whole chunk. Memory is O(n * keep + chunk * n), whatever the number of queries.
+Resumable: after each chunk the accumulator's state is written atomically in one file together with
+the number of queries done and the byte length of queries.jsonl, so a killed scan truncates the
+half-written tail and continues from the last whole chunk. (They used to be two files, and a kill
+between the two writes resumed a state one chunk ahead of its counter: that chunk counted twice and
+the query indices ran past the file.) Memory is O(n * keep + chunk * n), whatever the number of queries.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import html
 import io
 import json
 import os
+import zipfile
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -26,6 +29,8 @@ from stride.result import Query
 from stride.scan import ContaminationConfig, ScanAccumulator, ScanConfig, select_indices
 from stride.store import write_json_atomic
 from worker.progress import Reporter, reporter
+
+STATE = "scan_state.npz"  # accumulator + resume record, replaced atomically after every chunk
 
 
 class ScanInputError(Exception):
@@ -78,15 +83,11 @@ def scan(attributor, queries_path: str | Path, out: str | Path, cfg: ScanConfig 
     key = {"queries_sha256": digest, "store_version": attributor.store.version, "top_k": cfg.top_k,
            "keep": cfg.queries_per_example}
     out.mkdir(parents=True, exist_ok=True)
-    state_path, qpath = out / "scan_state.npz", out / "queries.jsonl"
+    state_path, qpath = out / STATE, out / "queries.jsonl"
     acc, done, qbytes = ScanAccumulator(n, cfg.top_k, cfg.queries_per_example), 0, 0
-    progress_path = out / "progress.json"
-    if progress_path.exists() and state_path.exists():
-        prev = json.loads(progress_path.read_text())
-        if prev.get("key") == key:
-            with np.load(state_path) as z:
-                acc = ScanAccumulator.from_state(dict(z))
-            done, qbytes = prev["done"], prev["queries_bytes"]
+    saved = _load_state(state_path)
+    if saved is not None and saved[1]["key"] == key:
+        acc, done, qbytes = saved[0], saved[1]["done"], saved[1]["queries_bytes"]
     with open(qpath, "ab") as f:
         f.truncate(qbytes)  # drop a chunk written after the last saved state
     corpus = attributor.store.corpus
@@ -109,12 +110,12 @@ def scan(attributor, queries_path: str | Path, out: str | Path, cfg: ScanConfig 
                 os.fsync(f.fileno())
                 qbytes = f.tell()
             done += len(part)
+            resume = json.dumps({"key": key, "done": done, "queries_bytes": qbytes}).encode()
             buf = io.BytesIO()
-            np.savez(buf, **acc.state_dict())
-            tmp = state_path.with_name(".scan_state.npz.tmp")
+            np.savez(buf, **acc.state_dict(), resume=np.frombuffer(resume, dtype=np.uint8))
+            tmp = state_path.with_name(f".{STATE}.tmp")
             tmp.write_bytes(buf.getvalue())
-            os.replace(tmp, state_path)
-            write_json_atomic(progress_path, {"key": key, "done": done, "queries_bytes": qbytes})
+            os.replace(tmp, state_path)  # the one commit point of the chunk
             bar.advance(len(part))
     items = None
     if check is not None:
@@ -125,6 +126,23 @@ def scan(attributor, queries_path: str | Path, out: str | Path, cfg: ScanConfig 
         summary["contamination"] = summary_c
     write_json_atomic(out / "scan.json", summary)
     return summary
+
+
+def _load_state(path: Path) -> tuple[ScanAccumulator, dict] | None:
+    """The last committed chunk's accumulator and resume record ({key, done, queries_bytes}), or
+    None (no state, an unreadable one, or one written before the record lived inside it)."""
+    try:
+        with np.load(path) as z:
+            resume = json.loads(bytes(z["resume"]).decode())
+            return ScanAccumulator.from_state(dict(z)), resume
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None
+
+
+def resumed(out: str | Path) -> int:
+    """Queries an earlier run of the scan into ``out`` committed (0 if none): where a resumed run starts."""
+    saved = _load_state(Path(out) / STATE)
+    return int(saved[1]["done"]) if saved is not None else 0
 
 
 def _check_items(path: Path, ids: list[str], queries: list[Query], check: ContaminationConfig) -> None:
