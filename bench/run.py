@@ -88,6 +88,8 @@ def command(args: argparse.Namespace) -> str:
         parts.append(f"--removal --removal-queries {args.removal_queries} --removal-k {args.removal_k}")
         if args.removal_methods != ",".join(REMOVAL_METHODS):
             parts.append(f"--removal-methods {args.removal_methods}")
+    if args.out is not None:  # a report written elsewhere says where, or its command would overwrite another
+        parts.append(f"--out {args.out}")
     return " ".join(parts)
 
 
