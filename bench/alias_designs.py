@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import random
 
-from bench.harder import LINK_TEMPLATES, _entities, _query
+from bench.harder import LINK_TEMPLATES, _alias_facts, _entities, _query
 from bench.setting import HELDOUT_TEMPLATES, QUERY_TEMPLATES, RELATIONS, Setting, filler_sentence, word
 from stride.demo import FILLER_ADJS as ADJS
 
@@ -58,18 +58,7 @@ def links_only(s: Setting) -> tuple[list[str], list[dict], list[dict]]:
     """The alias generator of ALIAS_VERSION 1: facts under A, linking documents A <-> B, queries under B."""
     rng = random.Random(s.seed)
     pre, facts, _ = _entities(s, rng, set())
-    docs, queries = [], []
-    for f, (rel, a, b, obj) in enumerate(facts):
-        support = []
-        for j, t in enumerate(rng.sample(RELATIONS[rel], rng.randint(1, 3))):
-            docs.append({"id": f"fact{f:04d}-{j}", "text": t.format(s=a, o=obj), "role": "fact", "fact": f,
-                         "relation": rel, "object": obj})
-            support.append(docs[-1]["id"])
-        for j, t in enumerate(rng.sample(LINK_TEMPLATES, rng.randint(1, 2))):
-            docs.append({"id": f"link{f:04d}-{j}", "text": t.format(a=a, b=b), "role": "link", "fact": f})
-        heldout = rng.random() < s.heldout_share
-        prompt = (HELDOUT_TEMPLATES if heldout else QUERY_TEMPLATES)[rel].format(s=b)
-        queries.append(_query(f, rel, b, a, obj, support, heldout, prompt))
+    docs, queries = _alias_facts(s, rng, facts)
     docs += [{"id": f"filler{i:04d}", "text": filler_sentence(rng), "role": "filler"} for i in range(s.filler)]
     rng.shuffle(docs)
     return pre, docs, queries

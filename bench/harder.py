@@ -74,6 +74,24 @@ def _query(f: int, rel: str, name: str, doc_name: str, obj: str, support: list[s
             "object": obj, "heldout_phrasing": heldout, "subject": name, "doc_subject": doc_name}
 
 
+def _alias_facts(s: Setting, rng: random.Random, facts: list) -> tuple[list[dict], list[dict]]:
+    """Fact documents under name A (1-3 phrasings), linking documents A <-> B, one query per fact under B:
+    the part of the alias corpus every alias design shares (``bench.alias_designs.links_only`` too)."""
+    docs, queries = [], []
+    for f, (rel, a, b, obj) in enumerate(facts):
+        support = []
+        for j, t in enumerate(rng.sample(RELATIONS[rel], rng.randint(1, 3))):
+            docs.append({"id": f"fact{f:04d}-{j}", "text": t.format(s=a, o=obj), "role": "fact", "fact": f,
+                         "relation": rel, "object": obj})
+            support.append(docs[-1]["id"])
+        for j, t in enumerate(rng.sample(LINK_TEMPLATES, rng.randint(1, 2))):
+            docs.append({"id": f"link{f:04d}-{j}", "text": t.format(a=a, b=b), "role": "link", "fact": f})
+        heldout = rng.random() < s.heldout_share
+        prompt = (HELDOUT_TEMPLATES if heldout else QUERY_TEMPLATES)[rel].format(s=b)
+        queries.append(_query(f, rel, b, a, obj, support, heldout, prompt))
+    return docs, queries
+
+
 def generate_alias(s: Setting) -> tuple[list[str], list[dict], list[dict]]:
     """Facts under name A, queries under name B; the model learns A = B distributionally.
 
@@ -94,18 +112,7 @@ def generate_alias(s: Setting) -> tuple[list[str], list[dict], list[dict]]:
         profiles.append([t.replace("{mark}", mark).replace("{adj}", adj) for t in ALIAS_PROFILE_TEMPLATES])
         pre += [t.format(x=x) for x in (a, b) for t in rng.sample(profiles[-1], len(profiles[-1]))]
         pre += [t.format(a=a, b=b) for t in rng.sample(LINK_TEMPLATES, 2)]
-    docs, queries = [], []
-    for f, (rel, a, b, obj) in enumerate(facts):
-        support = []
-        for j, t in enumerate(rng.sample(RELATIONS[rel], rng.randint(1, 3))):
-            docs.append({"id": f"fact{f:04d}-{j}", "text": t.format(s=a, o=obj), "role": "fact", "fact": f,
-                         "relation": rel, "object": obj})
-            support.append(docs[-1]["id"])
-        for j, t in enumerate(rng.sample(LINK_TEMPLATES, rng.randint(1, 2))):
-            docs.append({"id": f"link{f:04d}-{j}", "text": t.format(a=a, b=b), "role": "link", "fact": f})
-        heldout = rng.random() < s.heldout_share
-        prompt = (HELDOUT_TEMPLATES if heldout else QUERY_TEMPLATES)[rel].format(s=b)
-        queries.append(_query(f, rel, b, a, obj, support, heldout, prompt))
+    docs, queries = _alias_facts(s, rng, facts)
     for f, (_rel, a, b, _obj) in enumerate(facts):
         for x in (a, b):
             for j, text in enumerate(profiles[f][:ALIAS_PROFILE_FT]):
